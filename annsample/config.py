@@ -1,0 +1,300 @@
+"""Run configuration: frozen dataclasses loaded from YAML, with typed ``--set`` overrides.
+
+Unknown keys and wrong types are errors that name the file and the key, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from annsample.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/Beauty.txt"  # relative paths resolve against the working directory
+    format: str = "auto"  # "auto", "sequences" or "interactions"
+    user_col: str = "user"
+    item_col: str = "item"
+    time_col: str = "timestamp"
+    max_len: int = 50
+    # synthetic catalog (used when path == "synthetic"): see annsample.synthetic
+    synthetic_items: int = 0
+    synthetic_users: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_size: int = 64
+    num_blocks: int = 2
+    num_heads: int = 2
+    dropout: float = 0.5
+    init_std: float = 0.02
+    sparse_embeddings: bool = (
+        False  # sparse item-embedding gradients (use with SparseAdam at 1M items)
+    )
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    backend: str = "auto"  # "auto", "faiss", "faiss-gpu", "exact"
+    metric: str = "ip"  # "ip", "l2_augmented", "cosine"
+    nlist: int = 256
+    nprobe: int = 16
+    refresh: str = "steps"  # "steps", "epoch", "never", "adaptive"
+    refresh_every: int = 100  # steps between refreshes for refresh == "steps"
+    retrain_every: int = 0  # every M-th refresh re-runs k-means (0 = never)
+    asynchronous: bool = False
+    drift_threshold: float = 0.05  # adaptive schedule
+    recall_threshold: float = 0.0  # adaptive schedule (0 = not used)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    name: str = "uniform"  # uniform, popularity, exact, pool, dns, ann
+    num_negatives: int = 1  # k negatives per position
+    exclude_history: bool = (
+        True  # also exclude the user's training history (the positive always is)
+    )
+    alpha: float = 1.0  # GenNi inverse temperature
+    beta: float = 1.0  # popularity exponent: q ∝ count^beta
+    pool_size: int = 1000  # pool / dns candidates M
+    candidates: int = 200  # ann: K candidates from the index
+    epsilon: float = 0.05  # ann: uniform mixture mass
+    query: str = (
+        "position"  # ann: "position" (every position queries) or "sequence" (last state queries)
+    )
+    warmup_steps: int = 0  # use uniform negatives for the first steps (model-aware samplers only)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "bce"  # bce, sampled_softmax, gbce, full_ce
+    gbce_t: float = 0.75  # gSASRec calibration parameter t
+    logq_correction: bool = True  # sampled_softmax only
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    eval_every: int = 1  # epochs between validation evaluations
+    patience: int = 10  # evaluations without validation NDCG@10 improvement before stopping
+    eval_batch_size: int = 1024
+    device: str = "cpu"  # "cpu", "cuda", "auto"
+    num_threads: int = 0  # torch threads (0 = torch default)
+    log_every: int = 50  # steps between train/ JSONL records
+    bucket_by_length: bool = True  # batch sequences of similar length (see train.make_batches)
+    max_steps_per_epoch: int = 0  # 0 = full epochs (a cap makes smoke runs cheap)
+    show_progress: bool = True
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.format": ("auto", "sequences", "interactions"),
+    "sampler.name": ("uniform", "popularity", "exact", "pool", "dns", "ann"),
+    "sampler.query": ("position", "sequence"),
+    "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact"),
+    "sampler.index.metric": ("ip", "l2_augmented", "cosine"),
+    "sampler.index.refresh": ("steps", "epoch", "never", "adaptive"),
+    "loss.name": ("bce", "sampled_softmax", "gbce", "full_ce"),
+    "train.device": ("cpu", "cuda", "auto"),
+}
+POSITIVE = {
+    "data.max_len",
+    "model.hidden_size",
+    "model.num_blocks",
+    "model.num_heads",
+    "sampler.num_negatives",
+    "sampler.pool_size",
+    "sampler.candidates",
+    "sampler.index.nlist",
+    "sampler.index.nprobe",
+    "sampler.index.refresh_every",
+    "train.epochs",
+    "train.batch_size",
+    "train.eval_every",
+    "train.patience",
+    "train.eval_batch_size",
+    "train.log_every",
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotated type; ints are accepted for floats."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: is_number,
+        str: isinstance(value, str),
+    }.get(tp, False)
+    if not ok:
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return float(value) if tp is float else value
+
+
+def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where}: section '{prefix or 'top level'}' must be a mapping, got {type(raw).__name__}"
+        )
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        keys = ", ".join(f"{prefix}{k}" for k in unknown)
+        raise ConfigError(
+            f"{where}: unknown key(s) {keys}; valid keys here are: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, where, key + ".")
+            continue
+        value = _coerce(value, tp, f"{where}: key '{key}'")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(
+                f"{where}: key '{key}' is {value!r}; choose one of {', '.join(CHOICES[key])}"
+            )
+        if key in POSITIVE and value < 1:
+            raise ConfigError(f"{where}: key '{key}' must be >= 1, got {value}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check_consistency(config: RunConfig, where: str) -> None:
+    if config.model.hidden_size % config.model.num_heads:
+        raise ConfigError(
+            f"{where}: model.hidden_size ({config.model.hidden_size}) must be divisible by "
+            f"model.num_heads ({config.model.num_heads})"
+        )
+    if not 0.0 <= config.model.dropout < 1.0:
+        raise ConfigError(f"{where}: model.dropout must be in [0, 1), got {config.model.dropout}")
+    if not 0.0 <= config.sampler.epsilon <= 1.0:
+        raise ConfigError(
+            f"{where}: sampler.epsilon must be in [0, 1], got {config.sampler.epsilon}"
+        )
+    if config.train.lr <= 0:
+        raise ConfigError(f"{where}: train.lr must be > 0, got {config.train.lr}")
+    if config.sampler.index.nprobe > config.sampler.index.nlist:
+        raise ConfigError(
+            f"{where}: sampler.index.nprobe ({config.sampler.index.nprobe}) must be <= "
+            f"sampler.index.nlist ({config.sampler.index.nlist})"
+        )
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``"train.lr=1e-3"`` into (["train", "lr"], 0.001); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
+    key, _, value_text = text.partition("=")
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: the key is empty; use dotted keys like train.epochs")
+    try:
+        value = yaml.safe_load(value_text) if value_text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error})") from None
+    # YAML 1.1 reads "1e-3" as a string; accept it as the float it obviously is.
+    if isinstance(value, str) and any(c in value for c in ".eE"):
+        with contextlib.suppress(ValueError):
+            value = float(value)
+    return key.split("."), value
+
+
+def _apply_override(raw: dict, path: list[str], value: Any, text: str) -> None:
+    node = raw
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {text!r}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def config_from_dict(
+    raw: Any, where: str = "<config>", overrides: tuple[str, ...] = ()
+) -> RunConfig:
+    """Build a :class:`RunConfig` from a parsed mapping plus ``KEY=VALUE`` overrides."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}"
+        )
+    raw = _deep_copy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        _apply_override(raw, path, value, text)
+    where_all = where + (" (with --set overrides)" if overrides else "")
+    config = _build(RunConfig, raw, where_all, "")
+    _check_consistency(config, where_all)
+    return config
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+def load_config(path: str | Path | None, overrides: tuple[str, ...] = ()) -> RunConfig:
+    """Load a YAML run config (``None`` = all defaults) and apply ``--set`` overrides."""
+    if path is None:
+        return config_from_dict({}, "<defaults>", overrides)
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} does not exist; pass an existing YAML file, e.g. configs/beauty.yaml"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file; a config is YAML text") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}".replace("\n", " ")) from None
+    return config_from_dict(raw, str(path), overrides)
+
+
+def config_to_dict(config: Any) -> dict:
+    """A plain nested dict of the config (a new object; the config itself is never touched)."""
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,135 @@
+"""SASRec: causal self-attention over item sequences (Kang & McAuley, 2018).
+
+Follows the reference implementation behind the published full-ranking numbers (S3-Rec / ICLRec line):
+item + learned position embeddings, LayerNorm and dropout on the input, post-LayerNorm transformer
+blocks with GELU feed-forward, weights initialised N(0, 0.02). The model only maps tensors to tensors:
+no loss, sampling or device moves live here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from annsample.config import ModelConfig
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout = dropout
+        self.out_dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).unbind(dim=2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D/H)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.norm(x + self.out_dropout(self.out(y)))
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, hidden_size: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, 4 * hidden_size)
+        self.fc2 = nn.Linear(4 * hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
+
+
+class SASRec(nn.Module):
+    """Sequential recommender whose hidden state at position t scores item j as ``h_t · e_j``.
+
+    Args:
+        n_items: catalog size N; item ids are 1..N and 0 is padding.
+        max_len: longest input sequence T (positions are learned).
+        config: architecture settings.
+    """
+
+    def __init__(self, n_items: int, max_len: int, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        config = config or ModelConfig()
+        self.n_items = n_items
+        self.max_len = max_len
+        self.item_embedding = nn.Embedding(
+            n_items + 1, config.hidden_size, padding_idx=0, sparse=config.sparse_embeddings
+        )
+        self.position_embedding = nn.Embedding(max_len, config.hidden_size)
+        self.input_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
+        self.input_dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    _SelfAttention(config.hidden_size, config.num_heads, config.dropout),
+                    _FeedForward(config.hidden_size, config.dropout),
+                ]
+            )
+            for _ in range(config.num_blocks)
+        )
+        self._init_weights(config.init_std)
+
+    def _init_weights(self, std: float) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            # padding never scores: keep its row at zero (padding_idx also keeps its gradient at zero)
+            self.item_embedding.weight[0].zero_()
+
+    @property
+    def item_embeddings(self) -> torch.Tensor:
+        """The item table E, (N+1, d) float32; row 0 is padding."""
+        return self.item_embedding.weight
+
+    def encode(self, seq: torch.Tensor) -> torch.Tensor:
+        """Hidden states for every position.
+
+        Args:
+            seq: (B, T) int64 item ids, right-aligned, 0 = padding, T <= max_len.
+
+        Returns:
+            (B, T, d) float32; position t only attends to positions <= t that are not padding.
+        """
+        B, T = seq.shape
+        positions = torch.arange(self.max_len - T, self.max_len, device=seq.device)
+        x = self.item_embedding(seq) + self.position_embedding(positions)[None]  # (B, T, d)
+        x = self.input_dropout(self.input_norm(x))
+        # Causal and key-padding mask. A padding query then attends to nothing but itself so its
+        # softmax stays finite; its output is never used (losses only read real positions).
+        keep = (
+            torch.ones(T, T, dtype=torch.bool, device=seq.device).tril()[None]
+            & (seq > 0)[:, None, :]
+        )
+        keep = keep | torch.eye(T, dtype=torch.bool, device=seq.device)[None]
+        attn_mask = keep[:, None]  # (B, 1, T, T), True = may attend
+        for attention, feed_forward in self.blocks:
+            x = feed_forward(attention(x, attn_mask))
+        return x
+
+    def score_all(self, h: torch.Tensor) -> torch.Tensor:
+        """Scores of every item for hidden states ``h`` (Q, d) -> (Q, N+1)."""
+        return h @ self.item_embeddings.T
+
+    def extra_repr(self) -> str:
+        return f"n_items={self.n_items}, max_len={self.max_len}"
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,566 @@
+"""Negative samplers: uniform, popularity, and the model-aware GenNi family (exact, pool, dns, ann).
+
+Every sampler draws ``k`` negatives for each of P real positions and returns their ids with the log
+proposal probability log q(j). Samplers take tensors (hidden states, the item table), never an
+``nn.Module``, and all randomness comes from an explicit ``torch.Generator``.
+
+Exclusions are never sampled: padding (id 0), the position's positive, and (by default) every item in
+the user's training history. Model-aware samplers draw from p(j | h) ∝ exp(α · h·e_j) over the
+allowed items (GenNi), exactly or through a proposal whose probabilities are known.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from annsample.errors import SamplerError
+
+
+@dataclass(frozen=True)
+class Negatives:
+    """Sampled negatives for P positions.
+
+    Attributes:
+        ids: (P, k) int64 item ids in 1..N.
+        log_q: (P, k) float32 log probability of drawing each id under the sampler's proposal for
+            that position. Exact for samplers with ``exact_log_q``; for ``pool`` and ``dns`` it is
+            conditional on the shared random candidates.
+    """
+
+    ids: torch.Tensor
+    log_q: torch.Tensor
+
+
+class Exclusions:
+    """The items each position may not draw: padding, its positive, and its row's history.
+
+    Args:
+        history: (R, H) int64, row r lists the items excluded for sequence r, sorted ascending, each
+            at most once, padded on the right with any value > n_items. ``H`` may be 0.
+        row: (P,) int64, the history row of each position (which sequence it belongs to).
+        positives: (P,) int64 positive item of each position.
+        n_items: catalog size N.
+    """
+
+    def __init__(
+        self, history: torch.Tensor, row: torch.Tensor, positives: torch.Tensor, n_items: int
+    ) -> None:
+        R, H = history.shape
+        self.n_items = n_items
+        self.row = row
+        self.positives = positives
+        self.n_rows = R
+        device = history.device
+        history = torch.where(history > n_items, n_items + 1, history)
+        if H == 0:
+            history = torch.full((R, 1), n_items + 1, dtype=torch.int64, device=device)
+            H = 1
+        self.history = history
+        self._width = H
+        self._stride = n_items + 2
+        base = torch.arange(R, device=device)[:, None] * self._stride
+        # One globally sorted key array lets a single searchsorted answer per-row membership.
+        self._keys = (base + history).reshape(-1)
+        real = history <= n_items
+        self.row_counts = real.sum(dim=1)  # (R,)
+        # allowed items below history[r, i] = history[r, i] - 1 - i; padding maps past every rank.
+        free_below = torch.where(
+            real,
+            history - 1 - torch.arange(H, device=device)[None, :],
+            torch.full_like(history, n_items),
+        )
+        self._rank_keys = (base + free_below).reshape(-1)
+        self.positive_in_history = self._in_history(positives[:, None], row)[:, 0]
+        # number of distinct items in 1..N that position p may not draw
+        self.counts = self.row_counts[row] + (~self.positive_in_history).long()
+
+    @classmethod
+    def from_positives(cls, positives: torch.Tensor, n_items: int) -> Exclusions:
+        """Exclude only each position's positive (no history)."""
+        P = positives.shape[0]
+        history = torch.empty((P, 0), dtype=torch.int64, device=positives.device)
+        return cls(history, torch.arange(P, device=positives.device), positives, n_items)
+
+    def _in_history(self, ids: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        query = row[:, None] * self._stride + ids  # (P, m)
+        found = torch.searchsorted(self._keys, query.reshape(-1)).clamp_(max=self._keys.numel() - 1)
+        return (self._keys[found] == query.reshape(-1)).view_as(ids)
+
+    def contains(self, ids: torch.Tensor) -> torch.Tensor:
+        """(P, m) bool: True where ``ids`` (P, m) are excluded for their position (padding included)."""
+        return (
+            (ids <= 0)
+            | (ids > self.n_items)
+            | (ids == self.positives[:, None])
+            | self._in_history(ids, self.row)
+        )
+
+    @property
+    def n_allowed(self) -> torch.Tensor:
+        """(P,) int64 number of items each position may draw."""
+        return self.n_items - self.counts
+
+    def check_nonempty(self) -> None:
+        """Raise a clear error if some position has no item left to draw."""
+        empty = self.n_allowed <= 0
+        if bool(empty.any()):
+            count = int(empty.sum())
+            raise SamplerError(
+                f"{count} position(s) belong to users who have interacted with all {self.n_items} "
+                "items, so no negative can be drawn; drop those users from the dataset or set "
+                "sampler.exclude_history=false"
+            )
+
+    def _rank_to_item_in_row(self, rank: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """The rank-th (0-based) item of 1..N that is not in the row's history."""
+        query = row[:, None] * self._stride + rank
+        below = torch.searchsorted(self._rank_keys, query.reshape(-1), right=True).view_as(rank)
+        below = below - row[:, None] * self._width  # history items lying below the answer
+        return rank + 1 + below
+
+    def rank_to_item(self, rank: torch.Tensor) -> torch.Tensor:
+        """Map ranks (P, m) in [0, n_allowed) to the allowed items of each position, in id order."""
+        item = self._rank_to_item_in_row(rank, self.row)
+        # when the positive is not in the history, skip over it as well
+        shift = (~self.positive_in_history)[:, None] & (item >= self.positives[:, None])
+        if bool(shift.any()):
+            item = torch.where(shift, self._rank_to_item_in_row(rank + 1, self.row), item)
+        return item
+
+    def dense_mask(self) -> torch.Tensor:
+        """(P, N+1) bool, True where excluded. Only for small catalogs (tests, probes)."""
+        P = self.row.shape[0]
+        mask = torch.zeros(P, self.n_items + 2, dtype=torch.bool, device=self.row.device)
+        mask.scatter_(1, self.history[self.row], True)
+        mask[:, 0] = True
+        mask[torch.arange(P, device=mask.device), self.positives] = True
+        return mask[:, : self.n_items + 1]
+
+
+def _uniform_int(high: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
+    """(P, m) int64 uniform in [0, high_p) for each row p."""
+    u = torch.rand(high.shape[0], m, generator=generator, device=high.device, dtype=torch.float64)
+    return torch.minimum((u * high[:, None]).long(), high[:, None] - 1)
+
+
+def sample_from_logits(
+    logits: torch.Tensor, k: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw k slots per row ∝ exp(logits) (inverse CDF; -inf slots are never drawn).
+
+    Args:
+        logits: (P, M) float, at least one finite entry per row.
+    Returns:
+        slots (P, k) int64 and their log probabilities (P, k) float32.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=1)
+    cdf = log_p.double().exp().cumsum(dim=1)
+    u = torch.rand(
+        logits.shape[0], k, generator=generator, device=logits.device, dtype=torch.float64
+    )
+    slots = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=logits.shape[1] - 1)
+    # float rounding can land on a zero-probability slot at the end; step back to the last real one
+    chosen = log_p.gather(1, slots)
+    if bool(torch.isinf(chosen).any()):
+        last_real = (
+            torch.isfinite(log_p) * torch.arange(1, logits.shape[1] + 1, device=logits.device)
+        ).argmax(1)
+        slots = torch.where(torch.isinf(chosen), last_real[:, None], slots)
+        chosen = log_p.gather(1, slots)
+    return slots, chosen
+
+
+class Sampler(Protocol):
+    """What the training loop needs from a sampler."""
+
+    name: str
+    model_aware: bool  # needs hidden states and item embeddings
+    exact_log_q: bool  # log_q is the exact marginal proposal probability
+
+    def sample(
+        self,
+        queries: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        exclusions: Exclusions,
+        k: int,
+        generator: torch.Generator,
+        sequence_queries: torch.Tensor | None = None,
+    ) -> Negatives: ...
+
+
+class UniformSampler:
+    """Uniform over the allowed items (the SASRec baseline): q(j) = 1 / (N - |excluded|).
+
+    Exact, with no rejection loop: a uniform rank among the allowed items is mapped to its item
+    through the sorted history, so users who have seen most of the catalog cost nothing extra.
+    """
+
+    name = "uniform"
+    model_aware = False
+    exact_log_q = True
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        n_allowed = exclusions.n_allowed
+        ids = exclusions.rank_to_item(_uniform_int(n_allowed, k, generator))
+        log_q = (-torch.log(n_allowed.float()))[:, None].expand(-1, k).contiguous()
+        return Negatives(ids, log_q)
+
+    def probabilities(self, queries, item_embeddings, exclusions) -> torch.Tensor:
+        """(P, N+1) exact proposal probabilities (small catalogs only)."""
+        allowed = ~exclusions.dense_mask()
+        return allowed.float() / allowed.sum(1, keepdim=True)
+
+
+class PopularitySampler:
+    """q(j) ∝ (count_j + 1)^β over the allowed items (+1 keeps items unseen in training reachable).
+
+    Draws from the catalog-wide distribution and redraws excluded picks; rows still rejected after a
+    few rounds (users whose history holds most of the mass) are drawn exactly from their own row.
+
+    Args:
+        counts: (N+1,) training interaction count of each item (row 0 = padding, ignored).
+        beta: popularity exponent (0 = uniform, 1 = proportional to popularity).
+    """
+
+    name = "popularity"
+    model_aware = False
+    exact_log_q = True
+
+    def __init__(self, counts: np.ndarray | torch.Tensor, beta: float = 1.0, max_rounds: int = 16):
+        counts = torch.as_tensor(np.asarray(counts), dtype=torch.float64)
+        weights = (counts + 1.0) ** beta
+        weights[0] = 0.0
+        # one extra zero slot so history padding (id N+1) gathers weight 0
+        self.weights = torch.cat([weights, weights.new_zeros(1)])
+        self.total = float(weights.sum())
+        self.max_rounds = max_rounds
+
+    def _row_mass(self, exclusions: Exclusions) -> torch.Tensor:
+        w = self.weights.to(exclusions.row.device)
+        excluded = w[exclusions.history].sum(1)[exclusions.row]
+        excluded = excluded + torch.where(
+            exclusions.positive_in_history, 0.0, w[exclusions.positives]
+        )
+        return self.total - excluded  # (P,) float64
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        device = exclusions.row.device
+        w = self.weights.to(device)
+        P = exclusions.row.shape[0]
+        ids = torch.zeros(P, k, dtype=torch.int64, device=device)
+        todo = torch.ones(P, k, dtype=torch.bool, device=device)
+        for _ in range(self.max_rounds):
+            n = int(todo.sum())
+            if n == 0:
+                break
+            draws = torch.multinomial(w, max(n, 2), replacement=True, generator=generator)[:n]
+            ids[todo] = draws
+            todo = todo & exclusions.contains(ids)
+        if bool(todo.any()):
+            rows = todo.any(1).nonzero()[:, 0]
+            sub = Exclusions(
+                exclusions.history,
+                exclusions.row[rows],
+                exclusions.positives[rows],
+                exclusions.n_items,
+            )
+            row_w = w[: exclusions.n_items + 1].expand(rows.shape[0], -1).clone()
+            row_w[sub.dense_mask()] = 0.0
+            redraw = torch.multinomial(row_w, max(k, 2), replacement=True, generator=generator)[
+                :, :k
+            ]
+            ids[rows] = torch.where(todo[rows], redraw, ids[rows])
+        log_q = (torch.log(w[ids]) - torch.log(self._row_mass(exclusions))[:, None]).float()
+        return Negatives(ids, log_q)
+
+    def probabilities(self, queries, item_embeddings, exclusions) -> torch.Tensor:
+        """(P, N+1) exact proposal probabilities (small catalogs only)."""
+        w = (
+            self.weights[: exclusions.n_items + 1]
+            .to(exclusions.row.device)
+            .expand(exclusions.row.shape[0], -1)
+        )
+        w = w.masked_fill(exclusions.dense_mask(), 0.0)
+        return (w / w.sum(1, keepdim=True)).float()
+
+
+def genni_log_probs(
+    queries: torch.Tensor, item_embeddings: torch.Tensor, exclusions: Exclusions, alpha: float
+) -> torch.Tensor:
+    """Exact GenNi log p(j | h) ∝ α·h·e_j over allowed items, dense (P, N+1). Small catalogs / probes only."""
+    logits = alpha * (queries @ item_embeddings.T)
+    logits = logits.masked_fill(exclusions.dense_mask(), float("-inf"))
+    return torch.log_softmax(logits.double(), dim=1)
+
+
+class ExactSampler:
+    """Exact GenNi: p(j | h) ∝ exp(α·h·e_j) over all allowed items, the oracle.
+
+    Streams over item chunks with the Gumbel-max trick (argmax of α·s_j + Gumbel noise is an exact
+    draw), accumulating the log-partition in the same pass, so no (P × N) matrix is ever held.
+    Cost O(P·N·(d + k)) per call.
+
+    Args:
+        alpha: inverse temperature α.
+        chunk_elements: bound on the P × chunk × k noise tensor (memory knob).
+    """
+
+    name = "exact"
+    model_aware = True
+    exact_log_q = True
+
+    def __init__(self, alpha: float = 1.0, chunk_elements: int = 1 << 24) -> None:
+        self.alpha = alpha
+        self.chunk_elements = chunk_elements
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        P = queries.shape[0]
+        device = queries.device
+        N = item_embeddings.shape[0] - 1
+        chunk = max(1, self.chunk_elements // max(P * k, 1))
+        best = torch.full((P, k), float("-inf"), device=device)
+        best_id = torch.zeros(P, k, dtype=torch.int64, device=device)
+        running_max = torch.full((P,), float("-inf"), device=device)
+        running_sum = torch.zeros(P, device=device, dtype=torch.float64)
+        hist = exclusions.history[exclusions.row]  # (P, H)
+        rows = torch.arange(P, device=device)
+        for start in range(1, N + 1, chunk):
+            end = min(start + chunk, N + 1)
+            logits = self.alpha * (queries @ item_embeddings[start:end].T)  # (P, C)
+            inside = (hist >= start) & (hist < end)
+            logits[rows[:, None].expand_as(hist)[inside], hist[inside] - start] = float("-inf")
+            pos_inside = (exclusions.positives >= start) & (exclusions.positives < end)
+            logits[rows[pos_inside], exclusions.positives[pos_inside] - start] = float("-inf")
+            # streaming logsumexp
+            chunk_max = logits.max(dim=1).values
+            new_max = torch.maximum(running_max, chunk_max)
+            safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
+            running_sum = running_sum * torch.exp((running_max - safe).double()) + torch.exp(
+                (logits - safe[:, None]).double()
+            ).sum(1)
+            running_max = new_max
+            # Gumbel-max over this chunk for each of the k draws
+            u = torch.rand(P, k, end - start, generator=generator, device=device)
+            gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20)))
+            perturbed = logits[:, None, :] + gumbel  # (P, k, C)
+            value, where = perturbed.max(dim=2)
+            better = value > best
+            best = torch.where(better, value, best)
+            best_id = torch.where(better, where + start, best_id)
+        log_z = running_max.double() + torch.log(running_sum)
+        scores = self.alpha * torch.einsum("pd,pkd->pk", queries, item_embeddings[best_id])
+        return Negatives(best_id, (scores.double() - log_z[:, None]).float())
+
+    def probabilities(self, queries, item_embeddings, exclusions) -> torch.Tensor:
+        """(P, N+1) exact GenNi probabilities (small catalogs only)."""
+        return genni_log_probs(queries, item_embeddings, exclusions, self.alpha).exp().float()
+
+
+class PoolSampler:
+    """The GenNi paper's efficient form: one uniform pool of M items shared by the batch.
+
+    Each position draws ∝ exp(α·h·e_j) over the pool items it may use; a position whose pool holds
+    no allowed item falls back to uniform. ``log_q`` is conditional on the pool.
+    """
+
+    name = "pool"
+    model_aware = True
+    exact_log_q = False
+
+    def __init__(self, alpha: float = 1.0, pool_size: int = 1000) -> None:
+        self.alpha = alpha
+        self.pool_size = pool_size
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        N = item_embeddings.shape[0] - 1
+        P = queries.shape[0]
+        pool = torch.randint(
+            1, N + 1, (self.pool_size,), generator=generator, device=queries.device
+        )
+        logits = self.alpha * (queries @ item_embeddings[pool].T)  # (P, M)
+        blocked = exclusions.contains(pool[None, :].expand(P, -1))
+        return _draw_from_candidates(
+            logits.masked_fill(blocked, float("-inf")),
+            pool[None, :].expand(P, -1),
+            exclusions,
+            k,
+            generator,
+        )
+
+
+class DNSSampler:
+    """Dynamic negative sampling: the highest-scoring of M uniform candidates drawn per position.
+
+    Candidates are drawn uniformly among the allowed items (with replacement); the k best
+    candidates are returned. ``log_q`` is 0 (the choice is deterministic given the candidates).
+    """
+
+    name = "dns"
+    model_aware = True
+    exact_log_q = False
+
+    def __init__(self, candidates: int = 32, chunk_elements: int = 1 << 24) -> None:
+        self.candidates = candidates
+        self.chunk_elements = chunk_elements
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        if k > self.candidates:
+            raise SamplerError(f"dns needs at least k={k} candidates; raise sampler.pool_size")
+        cand = exclusions.rank_to_item(
+            _uniform_int(exclusions.n_allowed, self.candidates, generator)
+        )
+        P, d = queries.shape
+        step = max(1, self.chunk_elements // (self.candidates * d))
+        scores = torch.empty(P, self.candidates, device=queries.device)
+        for start in range(0, P, step):
+            stop = start + step
+            scores[start:stop] = torch.einsum(
+                "pd,pmd->pm", queries[start:stop], item_embeddings[cand[start:stop]]
+            )
+        top = scores.topk(k, dim=1).indices
+        ids = cand.gather(1, top)
+        return Negatives(ids, torch.zeros(ids.shape, device=ids.device))
+
+
+def _draw_from_candidates(
+    logits: torch.Tensor,
+    candidates: torch.Tensor,
+    exclusions: Exclusions,
+    k: int,
+    generator: torch.Generator,
+    epsilon: float = 0.0,
+) -> Negatives:
+    """Draw k ids per row from the mixture (1-ε)·softmax(logits) over candidates + ε·uniform(allowed).
+
+    Args:
+        logits: (P, M) α-scaled scores with -inf on excluded or missing candidates.
+        candidates: (P, M) int64 candidate ids (a repeated id's slots add up).
+        epsilon: uniform mass; rows with no usable candidate use ε = 1.
+    Returns:
+        ids (P, k) and the exact log probability of each id under that mixture.
+    """
+    P, M = logits.shape
+    has_candidate = torch.isfinite(logits).any(dim=1)
+    eps = torch.where(has_candidate, epsilon, 1.0).to(torch.float64)  # (P,)
+    safe_logits = torch.where(has_candidate[:, None], logits, torch.zeros_like(logits))
+    slots, _ = sample_from_logits(safe_logits, k, generator)
+    ids = candidates.gather(1, slots)
+    n_allowed = exclusions.n_allowed.to(torch.float64)
+    if epsilon > 0.0 or not bool(has_candidate.all()):
+        use_uniform = (
+            torch.rand(P, k, generator=generator, device=logits.device, dtype=torch.float64)
+            < eps[:, None]
+        )
+        uniform_ids = exclusions.rank_to_item(_uniform_int(exclusions.n_allowed, k, generator))
+        ids = torch.where(use_uniform, uniform_ids, ids)
+    # probability of each drawn id under the mixture: look the id up among the candidates
+    log_p_cand = torch.log_softmax(safe_logits.double(), dim=1).masked_fill(
+        ~torch.isfinite(logits), float("-inf")
+    )
+    match = ids[:, :, None] == candidates[:, None, :]  # (P, k, M)
+    p_cand = (match * log_p_cand.exp()[:, None, :]).sum(dim=2)  # (P, k)
+    q = (1.0 - eps[:, None]) * p_cand + eps[:, None] / n_allowed[:, None]
+    return Negatives(ids, torch.log(q).float())
+
+
+class AnnSampler:
+    """The product: GenNi negatives from an IVF index's candidates, rescored with current embeddings.
+
+    Each query takes the index's top-K items (the index may be stale), rescores them with the current
+    item table, and draws ∝ exp(α·h·e_j) over the allowed candidates, mixed with ε uniform mass so
+    every allowed item keeps non-zero probability. ``log_q`` is exact for that mixture.
+
+    Args:
+        index: anything with ``search(xq (Q, d), k) -> (D, I)`` returning item ids (``-1`` = missing),
+            e.g. an :class:`annsample.index.ItemIndex`, or an object with ``current()`` returning one.
+        alpha: inverse temperature α; candidates: K; epsilon: uniform mass ε.
+        query: "position" (every position queries the index) or "sequence" (each sequence's last
+            hidden state queries once; its candidates serve all its positions, rescored per position).
+    """
+
+    name = "ann"
+    model_aware = True
+    exact_log_q = True
+
+    def __init__(
+        self,
+        index,
+        alpha: float = 1.0,
+        candidates: int = 200,
+        epsilon: float = 0.05,
+        query: str = "position",
+        chunk_elements: int = 1 << 24,
+    ) -> None:
+        if query not in ("position", "sequence"):
+            raise SamplerError(f"ann query mode {query!r} unknown; use 'position' or 'sequence'")
+        if not 0.0 <= epsilon <= 1.0:
+            raise SamplerError(f"ann epsilon must be in [0, 1], got {epsilon}")
+        self.index = index
+        self.alpha = alpha
+        self.candidates = candidates
+        self.epsilon = epsilon
+        self.query = query
+        self.chunk_elements = chunk_elements
+
+    def _current_index(self):
+        return self.index.current() if hasattr(self.index, "current") else self.index
+
+    def candidate_ids(self, queries, exclusions, sequence_queries=None) -> torch.Tensor:
+        """(P, K) candidate ids for each position (-1 = none)."""
+        index = self._current_index()
+        if self.query == "sequence":
+            if sequence_queries is None:
+                raise SamplerError(
+                    "ann query='sequence' needs sequence_queries (one hidden state per row)"
+                )
+            _, I = index.search(sequence_queries.float().contiguous(), self.candidates)
+            return I.to(queries.device)[exclusions.row]
+        _, I = index.search(queries.float().contiguous(), self.candidates)
+        return I.to(queries.device)
+
+    def _rescore(self, queries, item_embeddings, candidates) -> torch.Tensor:
+        P, d = queries.shape
+        K = candidates.shape[1]
+        step = max(1, self.chunk_elements // (K * d))
+        scores = torch.empty(P, K, device=queries.device, dtype=queries.dtype)
+        safe = candidates.clamp(min=0)
+        for start in range(0, P, step):
+            stop = start + step
+            scores[start:stop] = torch.einsum(
+                "pd,pkd->pk", queries[start:stop], item_embeddings[safe[start:stop]]
+            )
+        return self.alpha * scores
+
+    def _logits(self, queries, item_embeddings, exclusions, sequence_queries):
+        candidates = self.candidate_ids(queries, exclusions, sequence_queries)
+        logits = self._rescore(queries, item_embeddings, candidates)
+        blocked = (candidates < 1) | exclusions.contains(candidates.clamp(min=0))
+        return logits.masked_fill(blocked, float("-inf")), candidates
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        logits, candidates = self._logits(queries, item_embeddings, exclusions, sequence_queries)
+        return _draw_from_candidates(logits, candidates, exclusions, k, generator, self.epsilon)
+
+    def probabilities(
+        self, queries, item_embeddings, exclusions, sequence_queries=None
+    ) -> torch.Tensor:
+        """(P, N+1) exact proposal probabilities of the ε-mixture (small catalogs only)."""
+        logits, candidates = self._logits(queries, item_embeddings, exclusions, sequence_queries)
+        has_candidate = torch.isfinite(logits).any(dim=1)
+        eps = torch.where(has_candidate, self.epsilon, 1.0).double()
+        p_cand = torch.softmax(torch.where(has_candidate[:, None], logits, 0.0).double(), dim=1)
+        p_cand = p_cand.masked_fill(~torch.isfinite(logits), 0.0)
+        allowed = (~exclusions.dense_mask()).double()
+        probs = eps[:, None] * allowed / allowed.sum(1, keepdim=True)
+        probs.scatter_add_(1, candidates.clamp(min=0), (1.0 - eps[:, None]) * p_cand)
+        return probs.float()

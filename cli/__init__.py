@@ -1,0 +1,1 @@
+"""The ``annsample`` command line: thin click wrappers over the library."""

@@ -1,0 +1,92 @@
+"""``annsample`` commands. Each loads its inputs and calls one library function."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from annsample.errors import AnnsampleError
+
+
+def _user_errors(func):
+    """Print a user error as one line and exit 2 (no traceback); library bugs still raise."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except AnnsampleError as error:
+            click.echo(f"error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="annsample")
+def main(verbose: bool) -> None:
+    """annsample: GenNi model-aware negative sampling for sequential recommenders."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML run config (default: built-in defaults = SASRec + uniform BCE on data/Beauty.txt).",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set train.epochs=5 (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Run folder (default runs/<date>-<name>).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run folder.")
+@_user_errors
+def train(config_path: Path | None, overrides: tuple[str, ...], out_dir: Path | None, overwrite: bool) -> None:
+    """Train a model and write config, metrics, checkpoint and results into the run folder."""
+    from annsample.config import load_config
+    from annsample.train import default_run_dir
+    from annsample.train import train as run_training
+
+    config = load_config(config_path, overrides)
+    out = out_dir or default_run_dir(config)
+    results = run_training(config, out, overwrite=overwrite)
+    click.echo(f"run folder: {out}")
+    click.echo(_format_metrics("test", results["test"]))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--stage", type=click.Choice(["valid", "test", "both"]), default="both", show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics as JSON.")
+@_user_errors
+def evaluate(run_dir: Path, stage: str, json_path: Path | None) -> None:
+    """Full-ranking HR/NDCG@5/10/20 of a trained run's best checkpoint."""
+    from annsample.run import evaluate_run
+
+    metrics = evaluate_run(run_dir, stages=("valid", "test") if stage == "both" else (stage,))
+    for name, values in metrics.items():
+        click.echo(_format_metrics(name, values))
+    if json_path is not None:
+        json_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+def _format_metrics(stage: str, metrics: dict[str, float]) -> str:
+    return f"{stage}: " + "  ".join(f"{key} {value:.4f}" for key, value in metrics.items())
+
+
+if __name__ == "__main__":
+    main()

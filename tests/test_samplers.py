@@ -1,0 +1,279 @@
+"""Samplers draw from their stated distributions, never draw exclusions, and report exact log q."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from annsample.errors import SamplerError
+from annsample.samplers import (
+    AnnSampler,
+    DNSSampler,
+    ExactSampler,
+    Exclusions,
+    PoolSampler,
+    PopularitySampler,
+    UniformSampler,
+    genni_log_probs,
+    sample_from_logits,
+)
+
+N, D = 30, 8
+
+
+class BruteForceIndex:
+    """Exact top-k over a fixed snapshot: the reference the ANN sampler is compared with."""
+
+    def __init__(self, xb: torch.Tensor, ids: torch.Tensor) -> None:
+        self.xb, self.ids = xb, ids
+
+    def search(self, xq: torch.Tensor, k: int):
+        scores = xq @ self.xb.T
+        k_eff = min(k, self.xb.shape[0])
+        D_, I_ = scores.topk(k_eff, dim=1)
+        ids = self.ids[I_]
+        if k_eff < k:  # under-filled: pad like FAISS
+            pad = k - k_eff
+            D_ = torch.cat([D_, torch.full((xq.shape[0], pad), float("-inf"))], 1)
+            ids = torch.cat([ids, torch.full((xq.shape[0], pad), -1)], 1)
+        return D_, ids
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(0)
+    items = torch.randn(N + 1, D, generator=g)
+    items[0] = 0
+    queries = torch.randn(6, D, generator=g)
+    # three sequences; rows padded with N + 1; positions 0-1 -> row 0, 2-4 -> row 1, 5 -> row 2
+    history = torch.tensor([[2, 5, 7, 31, 31], [1, 3, 4, 9, 30], [31, 31, 31, 31, 31]])
+    row = torch.tensor([0, 0, 1, 1, 1, 2])
+    positives = torch.tensor([5, 11, 9, 12, 3, 6])  # 11 and 12 are not in their row's history
+    return queries, items, Exclusions(history, row, positives, N)
+
+
+def dense_allowed(exclusions: Exclusions) -> torch.Tensor:
+    """Reference exclusion mask built with Python sets."""
+    allowed = torch.ones(exclusions.row.shape[0], N + 1, dtype=torch.bool)
+    allowed[:, 0] = False
+    for p in range(exclusions.row.shape[0]):
+        for item in exclusions.history[exclusions.row[p]].tolist():
+            if item <= N:
+                allowed[p, item] = False
+        allowed[p, exclusions.positives[p]] = False
+    return allowed
+
+
+def empirical(ids: torch.Tensor) -> torch.Tensor:
+    """(P, N+1) frequencies of ids (P, n)."""
+    counts = torch.zeros(ids.shape[0], N + 1)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float))
+    return counts / ids.shape[1]
+
+
+def assert_matches(ids: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4) -> None:
+    """Chi-square goodness of fit per position (cells with expected count < 5 pooled)."""
+    n = ids.shape[1]
+    observed = empirical(ids) * n
+    for p in range(ids.shape[0]):
+        expected = probs[p].double() * n
+        big = expected >= 5
+        obs = torch.cat([observed[p][big], observed[p][~big].sum()[None]]).double()
+        exp = torch.cat([expected[big], expected[~big].sum()[None]])
+        keep = exp > 0
+        assert float(obs[~keep].sum()) == 0, "sampled an item of zero probability"
+        _, pvalue = stats.chisquare(obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item())
+        assert pvalue > alpha, f"position {p}: p-value {pvalue:.2e}"
+
+
+def test_exclusions_match_reference(problem):
+    _, _, ex = problem
+    allowed = dense_allowed(ex)
+    ids = torch.arange(-1, N + 3)[None].expand(6, -1)
+    expected = torch.ones_like(ids, dtype=torch.bool)
+    expected[:, 1 : N + 2] = ~allowed
+    assert torch.equal(ex.contains(ids), expected)
+    assert torch.equal(~ex.dense_mask(), allowed)
+    assert torch.equal(ex.n_allowed, allowed.sum(1))
+
+
+def test_rank_to_item_enumerates_allowed_items_in_order(problem):
+    _, _, ex = problem
+    allowed = dense_allowed(ex)
+    width = int(ex.n_allowed.max())
+    ranks = torch.arange(width)[None].expand(6, -1).clone()
+    ranks = torch.minimum(ranks, ex.n_allowed[:, None] - 1)
+    items = ex.rank_to_item(ranks)
+    for p in range(6):
+        expected = allowed[p].nonzero()[:, 0]
+        assert torch.equal(items[p, : len(expected)], expected)
+
+
+def test_uniform_matches_distribution_and_log_q(problem):
+    queries, items, ex = problem
+    sampler = UniformSampler()
+    out = sampler.sample(queries, items, ex, 20000, torch.Generator().manual_seed(1))
+    probs = sampler.probabilities(queries, items, ex)
+    assert torch.allclose(probs.sum(1), torch.ones(6))
+    assert_matches(out.ids, probs)
+    assert torch.allclose(out.log_q, probs.gather(1, out.ids).log())
+
+
+def test_popularity_matches_distribution_and_log_q(problem):
+    queries, items, ex = problem
+    counts = np.arange(N + 1) ** 2
+    sampler = PopularitySampler(counts, beta=0.75)
+    out = sampler.sample(queries, items, ex, 20000, torch.Generator().manual_seed(2))
+    probs = sampler.probabilities(queries, items, ex)
+    assert_matches(out.ids, probs)
+    assert torch.allclose(out.log_q, probs.gather(1, out.ids).log(), atol=1e-5)
+    assert torch.allclose(probs.sum(1), torch.ones(6))
+
+
+def test_popularity_fallback_when_history_holds_the_mass():
+    # item 30 holds almost all the mass and is in the history: rejection alone would loop forever
+    counts = np.ones(N + 1)
+    counts[30] = 1e9
+    history = torch.tensor([[30, 31]])
+    ex = Exclusions(history, torch.tensor([0, 0]), torch.tensor([1, 2]), N)
+    sampler = PopularitySampler(counts, beta=1.0, max_rounds=2)
+    out = sampler.sample(None, None, ex, 500, torch.Generator().manual_seed(0))
+    assert not bool(ex.contains(out.ids).any())
+    assert torch.allclose(out.log_q, sampler.probabilities(None, None, ex).gather(1, out.ids).log(), atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 7 * 6 * 1000])  # one chunk; chunks of 7 items
+def test_exact_matches_genni_softmax(problem, chunk_elements):
+    queries, items, ex = problem
+    sampler = ExactSampler(alpha=1.5, chunk_elements=chunk_elements)
+    out = sampler.sample(queries, items, ex, 1, torch.Generator().manual_seed(3))
+    log_p = genni_log_probs(queries, items, ex, 1.5)
+    assert torch.allclose(out.log_q.double(), log_p.gather(1, out.ids), atol=1e-5)
+    draws = torch.cat(
+        [sampler.sample(queries, items, ex, 1000, torch.Generator().manual_seed(s)).ids for s in range(20)], 1
+    )
+    assert_matches(draws, log_p.exp())
+
+
+def test_sample_from_logits_never_draws_masked_slots():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0, float("-inf")], [float("-inf")] * 3 + [2.0]])
+    slots, log_p = sample_from_logits(logits, 5000, torch.Generator().manual_seed(0))
+    assert set(slots[0].tolist()) == {0, 2}
+    assert set(slots[1].tolist()) == {3}
+    assert torch.allclose(log_p[1], torch.zeros(5000))
+
+
+def test_ann_with_every_item_as_candidate_equals_exact(problem):
+    queries, items, ex = problem
+    index = BruteForceIndex(items[1:], torch.arange(1, N + 1))
+    ann = AnnSampler(index, alpha=1.5, candidates=N, epsilon=0.0)
+    probs = ann.probabilities(queries, items, ex)
+    exact = genni_log_probs(queries, items, ex, 1.5).exp()
+    assert torch.allclose(probs.double(), exact, atol=1e-6)
+    out = ann.sample(queries, items, ex, 20000, torch.Generator().manual_seed(4))
+    assert_matches(out.ids, exact)
+    assert torch.allclose(out.log_q.double(), exact.gather(1, out.ids).log(), atol=1e-5)
+
+
+def test_ann_faiss_ivf_full_probe_equals_exact(problem):
+    from annsample.index import ItemIndex
+
+    queries, items, ex = problem
+    index = ItemIndex(D, nlist=4, nprobe=4, backend="faiss").build(items[1:].contiguous(), torch.arange(1, N + 1))
+    ann = AnnSampler(index, alpha=1.0, candidates=N, epsilon=0.0)
+    exact = genni_log_probs(queries, items, ex, 1.0).exp()
+    assert torch.allclose(ann.probabilities(queries, items, ex).double(), exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("query", ["position", "sequence"])
+def test_ann_mixture_is_a_distribution_with_exact_log_q(problem, query):
+    queries, items, ex = problem
+    # a stale index: candidates come from old embeddings, scores from the current ones
+    stale = items[1:] + 0.5 * torch.randn(N, D, generator=torch.Generator().manual_seed(9))
+    index = BruteForceIndex(stale, torch.arange(1, N + 1))
+    ann = AnnSampler(index, alpha=2.0, candidates=6, epsilon=0.1, query=query)
+    seq_q = torch.randn(3, D, generator=torch.Generator().manual_seed(5))
+    probs = ann.probabilities(queries, items, ex, sequence_queries=seq_q)
+    assert torch.allclose(probs.sum(1), torch.ones(6), atol=1e-6)
+    allowed = dense_allowed(ex)
+    assert bool((probs[allowed] > 0).all()), "ε mass must keep every allowed item reachable"
+    assert float(probs[~allowed].abs().max()) == 0.0
+    out = ann.sample(queries, items, ex, 20000, torch.Generator().manual_seed(6), sequence_queries=seq_q)
+    assert_matches(out.ids, probs)
+    assert torch.allclose(out.log_q, probs.gather(1, out.ids).log(), atol=1e-5)
+
+
+def test_ann_rows_without_usable_candidates_fall_back_to_uniform(problem):
+    queries, items, ex = problem
+    # the index only knows items that every row excludes or -1 padding
+    index = BruteForceIndex(items[[1, 30]], torch.tensor([1, 30]))
+    ann = AnnSampler(index, alpha=1.0, candidates=4, epsilon=0.0)
+    probs = ann.probabilities(queries, items, ex)
+    uniform = UniformSampler().probabilities(queries, items, ex)
+    rows = torch.tensor([2, 3, 4])  # positions whose history holds both 1 and 30
+    assert torch.allclose(probs[rows], uniform[rows])
+    out = ann.sample(queries, items, ex, 200, torch.Generator().manual_seed(0))
+    assert not bool(ex.contains(out.ids).any())
+
+
+def test_pool_draws_softmax_over_pool_and_never_exclusions(problem):
+    queries, items, ex = problem
+    sampler = PoolSampler(alpha=1.0, pool_size=N * 20)  # the pool then covers the catalog
+    out = sampler.sample(queries, items, ex, 4000, torch.Generator().manual_seed(7))
+    assert not bool(ex.contains(out.ids).any())
+    assert bool((out.log_q <= 0).all())
+    exact = genni_log_probs(queries, items, ex, 1.0).exp()
+    tv = 0.5 * (empirical(out.ids) - exact.float()).abs().sum(1)
+    assert float(tv.max()) < 0.15  # a big pool approaches exact GenNi
+
+
+def test_dns_picks_the_best_candidate(problem):
+    queries, items, ex = problem
+    sampler = DNSSampler(candidates=400)  # misses the best allowed item with prob (1-1/26)^400 ≈ 1e-7
+    out = sampler.sample(queries, items, ex, 1, torch.Generator().manual_seed(8))
+    scores = (queries @ items.T).masked_fill(ex.dense_mask(), float("-inf"))
+    assert torch.equal(out.ids[:, 0], scores.argmax(1))
+
+
+SAMPLERS = {
+    "uniform": lambda: UniformSampler(),
+    "popularity": lambda: PopularitySampler(np.arange(N + 1)),
+    "exact": lambda: ExactSampler(alpha=1.0),
+    "pool": lambda: PoolSampler(alpha=1.0, pool_size=10),
+    "dns": lambda: DNSSampler(candidates=80),
+}
+
+
+@pytest.mark.parametrize("name", [*SAMPLERS, "ann"])
+def test_same_seed_same_samples_and_no_exclusions(problem, name):
+    queries, items, ex = problem
+    make = SAMPLERS.get(name) or (
+        lambda: AnnSampler(BruteForceIndex(items[1:], torch.arange(1, N + 1)), candidates=5, epsilon=0.2)
+    )
+    a = make().sample(queries, items, ex, 64, torch.Generator().manual_seed(11))
+    b = make().sample(queries, items, ex, 64, torch.Generator().manual_seed(11))
+    c = make().sample(queries, items, ex, 64, torch.Generator().manual_seed(12))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.log_q, b.log_q)
+    assert not torch.equal(a.ids, c.ids)
+    assert a.ids.shape == (6, 64) and a.log_q.shape == (6, 64)
+    assert not bool(ex.contains(a.ids).any())
+
+
+@pytest.mark.parametrize("name", [*SAMPLERS, "ann"])
+def test_user_who_has_seen_everything_is_a_clear_error(problem, name):
+    queries, items, _ = problem
+    history = torch.arange(1, N + 1)[None]
+    ex = Exclusions(history, torch.tensor([0]), torch.tensor([3]), N)
+    make = SAMPLERS.get(name) or (lambda: AnnSampler(BruteForceIndex(items[1:], torch.arange(1, N + 1))))
+    with pytest.raises(SamplerError, match="interacted with all 30 items"):
+        make().sample(queries[:1], items, ex, 1, torch.Generator().manual_seed(0))
+
+
+def test_one_allowed_item_left_is_always_drawn():
+    history = torch.tensor([[i for i in range(1, N + 1) if i != 17]])
+    ex = Exclusions(history, torch.tensor([0]), torch.tensor([2]), N)
+    out = UniformSampler().sample(None, None, ex, 50, torch.Generator().manual_seed(0))
+    assert set(out.ids.flatten().tolist()) == {17}
+    assert torch.allclose(out.log_q, torch.zeros(1, 50))
