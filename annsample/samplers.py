@@ -302,13 +302,14 @@ def genni_log_probs(
 class ExactSampler:
     """Exact GenNi: p(j | h) ∝ exp(α·h·e_j) over all allowed items, the oracle.
 
-    Streams over item chunks with the Gumbel-max trick (argmax of α·s_j + Gumbel noise is an exact
-    draw), accumulating the log-partition in the same pass, so no (P × N) matrix is ever held.
-    Cost O(P·N·(d + k)) per call.
+    One streaming pass over item chunks, never holding a (P × N) matrix: each chunk's mass W_c joins
+    a running total W, and each of the k draws moves into the chunk with probability W_c / W, taking
+    an item from it by inverse CDF (weighted reservoir sampling over chunks, exact). The running
+    log-partition gives log q. Cost O(P·N·d) per call, with random numbers only per chunk.
 
     Args:
         alpha: inverse temperature α.
-        chunk_elements: bound on the P × chunk × k noise tensor (memory knob).
+        chunk_elements: bound on the P × chunk score block (memory knob).
     """
 
     name = "exact"
@@ -324,11 +325,10 @@ class ExactSampler:
         P = queries.shape[0]
         device = queries.device
         N = item_embeddings.shape[0] - 1
-        chunk = max(1, self.chunk_elements // max(P * k, 1))
-        best = torch.full((P, k), float("-inf"), device=device)
-        best_id = torch.zeros(P, k, dtype=torch.int64, device=device)
-        running_max = torch.full((P,), float("-inf"), device=device)
-        running_sum = torch.zeros(P, device=device, dtype=torch.float64)
+        chunk = max(1, self.chunk_elements // max(P, 1))
+        ids = torch.zeros(P, k, dtype=torch.int64, device=device)
+        running_max = torch.full((P,), float("-inf"), dtype=torch.float64, device=device)
+        running_sum = torch.zeros(P, dtype=torch.float64, device=device)
         hist = exclusions.history[exclusions.row]  # (P, H)
         rows = torch.arange(P, device=device)
         for start in range(1, N + 1, chunk):
@@ -338,25 +338,28 @@ class ExactSampler:
             logits[rows[:, None].expand_as(hist)[inside], hist[inside] - start] = float("-inf")
             pos_inside = (exclusions.positives >= start) & (exclusions.positives < end)
             logits[rows[pos_inside], exclusions.positives[pos_inside] - start] = float("-inf")
-            # streaming logsumexp
-            chunk_max = logits.max(dim=1).values
-            new_max = torch.maximum(running_max, chunk_max)
-            safe = torch.where(torch.isfinite(new_max), new_max, torch.zeros_like(new_max))
-            running_sum = running_sum * torch.exp((running_max - safe).double()) + torch.exp(
-                (logits - safe[:, None]).double()
-            ).sum(1)
-            running_max = new_max
-            # Gumbel-max over this chunk for each of the k draws
-            u = torch.rand(P, k, end - start, generator=generator, device=device)
-            gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20)))
-            perturbed = logits[:, None, :] + gumbel  # (P, k, C)
-            value, where = perturbed.max(dim=2)
-            better = value > best
-            best = torch.where(better, value, best)
-            best_id = torch.where(better, where + start, best_id)
-        log_z = running_max.double() + torch.log(running_sum)
-        scores = self.alpha * torch.einsum("pd,pkd->pk", queries, item_embeddings[best_id])
-        return Negatives(best_id, (scores.double() - log_z[:, None]).float())
+            chunk_max = logits.max(dim=1).values.double()  # (P,)
+            has_mass = torch.isfinite(chunk_max)
+            chunk_max = torch.where(has_mass, chunk_max, 0.0)
+            # float32 is enough inside a chunk; the running total across chunks is float64
+            cdf = torch.exp(logits - chunk_max[:, None].float()).cumsum_(dim=1)  # (P, C)
+            chunk_sum = cdf[:, -1].double()
+            new_max = torch.maximum(running_max, chunk_max.masked_fill(~has_mass, float("-inf")))
+            old = running_sum * torch.exp(running_max - new_max).nan_to_num_(0.0)
+            new = chunk_sum * torch.exp(chunk_max - new_max).masked_fill_(~has_mass, 0.0)
+            running_sum, running_max = old + new, new_max
+            # each draw moves into this chunk with probability (chunk mass) / (mass so far)
+            move = torch.rand(P, k, generator=generator, device=device, dtype=torch.float64)
+            move = move * running_sum[:, None] < new[:, None]
+            if bool(move.any()):
+                u = torch.rand(P, k, generator=generator, device=device)
+                slot = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+                # rounding can point one past a zero-weight tail: clamp to the last positive slot
+                last = (cdf < cdf[:, -1:]).sum(1, keepdim=True)
+                ids = torch.where(move, torch.minimum(slot, last) + start, ids)
+        log_z = running_max + torch.log(running_sum)
+        scores = self.alpha * torch.einsum("pd,pkd->pk", queries, item_embeddings[ids])
+        return Negatives(ids, (scores.double() - log_z[:, None]).float())
 
     def probabilities(self, queries, item_embeddings, exclusions) -> torch.Tensor:
         """(P, N+1) exact GenNi probabilities (small catalogs only)."""

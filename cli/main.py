@@ -51,11 +51,25 @@ def main(verbose: bool) -> None:
     default=None,
     help="YAML run config (default: built-in defaults = SASRec + uniform BCE on data/Beauty.txt).",
 )
-@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a config key, e.g. --set train.epochs=5 (repeatable).")
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None, help="Run folder (default runs/<date>-<name>).")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set train.epochs=5 (repeatable).",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run folder (default runs/<date>-<name>).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run folder.")
 @_user_errors
-def train(config_path: Path | None, overrides: tuple[str, ...], out_dir: Path | None, overwrite: bool) -> None:
+def train(
+    config_path: Path | None, overrides: tuple[str, ...], out_dir: Path | None, overwrite: bool
+) -> None:
     """Train a model and write config, metrics, checkpoint and results into the run folder."""
     from annsample.config import load_config
     from annsample.train import default_run_dir
@@ -70,8 +84,16 @@ def train(config_path: Path | None, overrides: tuple[str, ...], out_dir: Path | 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--stage", type=click.Choice(["valid", "test", "both"]), default="both", show_default=True)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Also write the metrics as JSON.")
+@click.option(
+    "--stage", type=click.Choice(["valid", "test", "both"]), default="both", show_default=True
+)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the metrics as JSON.",
+)
 @_user_errors
 def evaluate(run_dir: Path, stage: str, json_path: Path | None) -> None:
     """Full-ranking HR/NDCG@5/10/20 of a trained run's best checkpoint."""
@@ -82,6 +104,72 @@ def evaluate(run_dir: Path, stage: str, json_path: Path | None) -> None:
         click.echo(_format_metrics(name, values))
     if json_path is not None:
         json_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--stage", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@_user_errors
+def report(run_dirs: tuple[Path, ...], stage: str) -> None:
+    """Markdown table of finished runs (runs with the same name are averaged over seeds)."""
+    from annsample.report import results_table
+
+    click.echo(results_table(list(run_dirs), stage), nl=False)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks (sampler quality and speed)."""
+
+
+@bench.command("samplers")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the records as a JSON list.",
+)
+@click.option(
+    "--sampler",
+    "samplers",
+    multiple=True,
+    type=click.Choice(["uniform", "popularity", "dns", "pool", "exact", "ann"]),
+    help="Samplers to run (default: all).",
+)
+@click.option("--queries", default=256, show_default=True, help="Probe queries timed per call.")
+@click.option(
+    "--tv-queries", default=32, show_default=True, help="Probe queries for the TV distance."
+)
+@click.option(
+    "--draws",
+    default=100_000,
+    show_default=True,
+    help="Draws per query for empirical TV (samplers without a closed form).",
+)
+@click.option(
+    "--repeats", default=5, show_default=True, help="Timing repeats (the median is reported)."
+)
+@_user_errors
+def bench_samplers_command(
+    run_dir: Path,
+    json_path: Path | None,
+    samplers: tuple[str, ...],
+    queries: int,
+    tv_queries: int,
+    draws: int,
+    repeats: int,
+) -> None:
+    """Speed, TV distance to exact GenNi, and hardness of each sampler on a trained run."""
+    from annsample.bench import SAMPLER_NAMES, bench_samplers, records_table
+
+    records = bench_samplers(
+        run_dir, samplers or SAMPLER_NAMES, queries, tv_queries, draws, repeats
+    )
+    click.echo(records_table(records), nl=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
 
 
 def _format_metrics(stage: str, metrics: dict[str, float]) -> str:

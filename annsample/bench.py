@@ -1,0 +1,197 @@
+"""Sampler-quality benchmark on a trained run: speed, distance to exact GenNi, hardness.
+
+For probe queries (the last hidden state of validation users, with their history and validation
+target excluded) each sampler is timed, compared with the exact GenNi distribution
+p(j|h) ∝ exp(α·h·e_j) by total-variation distance, and scored by the hardness of its negatives
+(the mean percentile of a sampled negative among the allowed items under the current model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from annsample import data as data_mod
+from annsample.samplers import (
+    AnnSampler,
+    DNSSampler,
+    ExactSampler,
+    Exclusions,
+    PoolSampler,
+    PopularitySampler,
+    UniformSampler,
+    genni_log_probs,
+)
+
+logger = logging.getLogger(__name__)
+
+SAMPLER_NAMES = ("uniform", "popularity", "dns", "pool", "exact", "ann")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return float(np.median(times))
+
+
+def _empirical_tv(sampler, queries, items, exclusions, exact_p, draws: int, generator) -> float:
+    """TV between exact_p (Q, N+1) and the frequencies of ``draws`` samples per query.
+
+    Draws come from many independent calls, so samplers with shared per-call randomness (the pool)
+    are measured on their marginal distribution, not on one pool.
+    """
+    Q = queries.shape[0]
+    per_call = 100
+    counts = torch.zeros(Q, exact_p.shape[1], dtype=torch.float64)
+    if isinstance(sampler, DNSSampler):  # per-position candidates: replicate rows, one draw each
+        reps = per_call
+        rows = torch.arange(Q).repeat_interleave(reps)
+        rep_ex = Exclusions(
+            exclusions.history, exclusions.row[rows], exclusions.positives[rows], exclusions.n_items
+        )
+        for _ in range(draws // reps):
+            ids = sampler.sample(queries[rows], items, rep_ex, 1, generator).ids.view(Q, reps)
+            counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))
+    else:
+        for _ in range(draws // per_call):
+            ids = sampler.sample(queries, items, exclusions, per_call, generator).ids
+            counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))
+    freq = counts / counts.sum(1, keepdim=True)
+    return float(0.5 * (freq - exact_p).abs().sum(1).mean())
+
+
+def _hardness(ids: torch.Tensor, queries, items, exclusions) -> float:
+    """Mean share of allowed items that score below each sampled negative (0.5 = uniform)."""
+    scores = (queries @ items.T).masked_fill(exclusions.dense_mask(), float("nan"))  # (Q, N+1)
+    neg = scores.gather(1, ids)  # (Q, k)
+    below = (scores[:, None, :] < neg[:, :, None]).sum(2).double()  # nan compares False
+    allowed = exclusions.n_allowed.double()[:, None]
+    return float((below / (allowed - 1).clamp(min=1)).mean())
+
+
+def bench_samplers(
+    run_dir: str | Path,
+    samplers: tuple[str, ...] = SAMPLER_NAMES,
+    queries: int = 256,
+    tv_queries: int = 32,
+    draws: int = 100_000,
+    repeats: int = 5,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[dict]:
+    """One record per sampler: ``sampler``, ``catalog_size``, ``ms_per_256_queries``, ``tv_to_exact``,
+    ``tv_method`` ("closed_form" or "empirical_<draws>"), ``hardness``, plus its settings."""
+    from annsample.index import ItemIndex
+    from annsample.run import load_model, load_run
+    from annsample.train import build_sampler, prepare_data
+
+    config, checkpoint = load_run(run_dir)
+    device = torch.device("cpu")
+    prepared = prepare_data(config)
+    model = load_model(config, checkpoint, prepared.n_items, device)
+    split = prepared.split
+    rng = np.random.default_rng(seed)
+    users = np.sort(rng.choice(split.n_users, size=min(queries, split.n_users), replace=False))
+    inputs, targets = data_mod.eval_tensors(split, "valid", config.data.max_len)
+    indptr, hist_items = data_mod.history_csr(split, "valid")
+    with torch.no_grad():
+        h = model.encode(torch.as_tensor(inputs[users]))[:, -1].contiguous()  # (Q, d)
+        items = model.item_embeddings.detach().clone()  # (N+1, d)
+    history = torch.as_tensor(data_mod.pad_rows(indptr, hist_items, users, split.n_items + 1))
+    positives = torch.as_tensor(targets[users])
+    exclusions = Exclusions(history, torch.arange(len(users)), positives, split.n_items)
+    alpha = config.sampler.alpha
+    probe = torch.arange(min(tv_queries, len(users)))
+    probe_ex = Exclusions(history[probe], probe, positives[probe], split.n_items)
+    exact_p = genni_log_probs(h[probe], items, probe_ex, alpha).exp()
+
+    ic = config.sampler.index
+    records = []
+    for name in tqdm(samplers, desc="samplers", disable=not show_progress):
+        settings: dict = {}
+        if name == "ann":
+            index = ItemIndex(
+                items.shape[1],
+                nlist=ic.nlist,
+                nprobe=ic.nprobe,
+                backend=ic.backend,
+                metric=ic.metric,
+            )
+            index.build(items[1:].contiguous(), torch.arange(1, split.n_items + 1))
+            sampler = AnnSampler(
+                index,
+                alpha=alpha,
+                candidates=config.sampler.candidates,
+                epsilon=config.sampler.epsilon,
+                query="position",
+            )
+            settings = {
+                "nlist": ic.nlist,
+                "nprobe": ic.nprobe,
+                "candidates": sampler.candidates,
+                "epsilon": sampler.epsilon,
+            }
+        elif name == "pool":
+            sampler = PoolSampler(alpha=alpha, pool_size=config.sampler.pool_size)
+            settings = {"pool_size": sampler.pool_size}
+        elif name == "dns":
+            sampler = DNSSampler(candidates=min(config.sampler.pool_size, 100))
+            settings = {"candidates": sampler.candidates}
+        elif name == "exact":
+            sampler = ExactSampler(alpha=alpha)
+        elif name == "popularity":
+            sampler = PopularitySampler(prepared.popularity, beta=config.sampler.beta)
+            settings = {"beta": config.sampler.beta}
+        elif name == "uniform":
+            sampler = UniformSampler()
+        else:
+            sampler = build_sampler(config, prepared)
+        generator = torch.Generator().manual_seed(seed)
+        ms = _median_ms(lambda s=sampler: s.sample(h, items, exclusions, 1, generator), repeats)
+        ms_per_256 = ms * 256.0 / len(users)
+        if hasattr(sampler, "probabilities"):
+            q = sampler.probabilities(h[probe], items, probe_ex).double()
+            tv = float(0.5 * (q - exact_p).abs().sum(1).mean())
+            method = "closed_form"
+        else:
+            tv = _empirical_tv(sampler, h[probe], items, probe_ex, exact_p, draws, generator)
+            method = f"empirical_{draws}"
+        ids = sampler.sample(h[probe], items, probe_ex, 64, generator).ids
+        record = {
+            "sampler": name,
+            "catalog_size": split.n_items,
+            "ms_per_256_queries": round(ms_per_256, 3),
+            "tv_to_exact": round(tv, 4),
+            "tv_method": method,
+            "hardness": round(_hardness(ids, h[probe], items, probe_ex), 4),
+            "alpha": alpha,
+            "queries": len(users),
+            "threads": torch.get_num_threads(),
+            **settings,
+        }
+        logger.info("%s", record)
+        records.append(record)
+    return records
+
+
+def records_table(records: list[dict]) -> str:
+    """Markdown table of benchmark records."""
+    lines = [
+        "| sampler | catalog | ms / 256 queries | TV to exact GenNi | TV method | hardness |",
+        "|---|---:|---:|---:|---|---:|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['sampler']} | {r['catalog_size']} | {r['ms_per_256_queries']:.2f} | {r['tv_to_exact']:.4f} "
+            f"| {r['tv_method']} | {r['hardness']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
