@@ -156,7 +156,7 @@ def bench_samplers(
         else:
             sampler = build_sampler(config, prepared)
         generator = torch.Generator().manual_seed(seed)
-        ms = _median_ms(lambda s=sampler: s.sample(h, items, exclusions, 1, generator), repeats)
+        ms = _median_ms(lambda s=sampler, g=generator: s.sample(h, items, exclusions, 1, g), repeats)
         ms_per_256 = ms * 256.0 / len(users)
         if hasattr(sampler, "probabilities"):
             q = sampler.probabilities(h[probe], items, probe_ex).double()

@@ -6,8 +6,9 @@ falls back to a default.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,28 @@ POSITIVE = {
 }
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float, as YAML 1.2 does (YAML 1.1 needs ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -155,8 +178,18 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         str: isinstance(value, str),
     }.get(tp, False)
     if not ok:
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ConfigError(
+            f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
+        )
     return float(value) if tp is float else value
+
+
+@dataclass(frozen=True)
+class _Override:
+    """A ``--set`` value with its text, so a string key keeps "1e5" as typed."""
+
+    value: Any
+    text: str
 
 
 def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
@@ -168,7 +201,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
         )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)
     if unknown:
         keys = ", ".join(f"{prefix}{k}" for k in unknown)
         raise ConfigError(
@@ -178,6 +211,8 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
     for name, value in raw.items():
         tp = hints[name]
         key = f"{prefix}{name}"
+        if isinstance(value, _Override):
+            value = value.text if tp is str else value.value
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, where, key + ".")
             continue
@@ -204,8 +239,8 @@ def _check_consistency(config: RunConfig, where: str) -> None:
         raise ConfigError(
             f"{where}: sampler.epsilon must be in [0, 1], got {config.sampler.epsilon}"
         )
-    if config.train.lr <= 0:
-        raise ConfigError(f"{where}: train.lr must be > 0, got {config.train.lr}")
+    if not math.isfinite(config.train.lr) or config.train.lr <= 0:
+        raise ConfigError(f"{where}: train.lr must be a finite number > 0, got {config.train.lr}")
     if config.sampler.index.nprobe > config.sampler.index.nlist:
         raise ConfigError(
             f"{where}: sampler.index.nprobe ({config.sampler.index.nprobe}) must be <= "
@@ -214,7 +249,11 @@ def _check_consistency(config: RunConfig, where: str) -> None:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """Split ``"train.lr=1e-3"`` into (["train", "lr"], 0.001); the value is read as YAML."""
+    """Split ``"train.lr=1e-3"`` into (["train", "lr"], 0.001); the value is read as YAML.
+
+    >>> parse_override("sampler.index.nprobe=32")
+    (['sampler', 'index', 'nprobe'], 32)
+    """
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.lr=1e-3")
     key, _, value_text = text.partition("=")
@@ -222,13 +261,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not key or any(not part for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: the key is empty; use dotted keys like train.epochs")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
-    except yaml.YAMLError as error:
+        value = _yaml_load(value_text) if value_text.strip() else ""
+    except (yaml.YAMLError, RecursionError) as error:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({error})") from None
-    # YAML 1.1 reads "1e-3" as a string; accept it as the float it obviously is.
-    if isinstance(value, str) and any(c in value for c in ".eE"):
-        with contextlib.suppress(ValueError):
-            value = float(value)
     return key.split("."), value
 
 
@@ -252,10 +287,15 @@ def config_from_dict(
         raise ConfigError(
             f"{where}: the top level must be a mapping of sections, got {type(raw).__name__}"
         )
-    raw = _deep_copy(raw)
+    try:
+        raw = _deep_copy(raw)
+    except RecursionError:
+        raise ConfigError(
+            f"{where}: the config refers to itself (a recursive YAML alias)"
+        ) from None
     for text in overrides:
         path, value = parse_override(text)
-        _apply_override(raw, path, value, text)
+        _apply_override(raw, path, _Override(value, text.partition("=")[2].strip()), text)
     where_all = where + (" (with --set overrides)" if overrides else "")
     config = _build(RunConfig, raw, where_all, "")
     _check_consistency(config, where_all)
@@ -284,8 +324,8 @@ def load_config(path: str | Path | None, overrides: tuple[str, ...] = ()) -> Run
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file; a config is YAML text") from None
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
+        raw = _yaml_load(text)
+    except (yaml.YAMLError, RecursionError) as error:
         raise ConfigError(f"{path}: invalid YAML: {error}".replace("\n", " ")) from None
     return config_from_dict(raw, str(path), overrides)
 

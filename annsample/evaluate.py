@@ -57,7 +57,12 @@ def rank_targets(
     C = h.shape[0]
     N = item_embeddings.shape[0] - 1
     rows = torch.arange(C, device=h.device)
-    target_score = (h * item_embeddings[targets]).sum(dim=1)  # (C,)
+    target_emb = item_embeddings[targets]
+    target_score = (h * target_emb).sum(dim=1)  # (C,)
+    # The chunked matmul and this dot product round differently; scores within float noise of
+    # the target's count as ties (not higher), so items tied with the target never outrank it.
+    noise = 1e-5 * h.norm(dim=1) * target_emb.norm(dim=1)
+    threshold = target_score + noise
     rank = torch.zeros(C, dtype=torch.int64, device=h.device)
     history = torch.where(history == targets[:, None], 0, history)
     for start in range(1, N + 1, item_chunk):
@@ -67,7 +72,7 @@ def rank_targets(
         scores[rows[:, None].expand_as(history)[inside], history[inside] - start] = float("-inf")
         in_chunk = (targets >= start) & (targets < end)
         scores[rows[in_chunk], targets[in_chunk] - start] = float("-inf")
-        rank += (scores > target_score[:, None]).sum(dim=1)
+        rank += (scores > threshold[:, None]).sum(dim=1)
     return rank
 
 

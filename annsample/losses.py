@@ -6,6 +6,8 @@ positions of a batch, so padding never contributes.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +31,10 @@ def sampled_softmax_loss(
 ) -> torch.Tensor:
     """Softmax cross-entropy over {positive} ∪ k sampled negatives, with optional logQ correction.
 
-    With the correction, each logit s_j becomes s_j - log q(j) (Bengio & Senécal; Yi et al. 2019), which
-    makes the sampled softmax a consistent estimate of the full softmax when negatives come from q.
+    With the correction, each negative's logit s_j becomes s_j - log(k·q(j)) (Bengio & Senécal; Jean et
+    al. 2015): then exp(s+) + Σ_j exp(s_j)/(k·q(j)) estimates the full partition function without bias
+    when the k negatives are drawn from q. The positive is never drawn (samplers exclude it), so it is
+    left uncorrected unless ``pos_log_q`` is given.
 
     Args:
         pos_logits: (P,) float32.
@@ -39,7 +43,7 @@ def sampled_softmax_loss(
         pos_log_q: (P,) log q of the positive under the same proposal (None: no correction on it).
     """
     if neg_log_q is not None:
-        neg_logits = neg_logits - neg_log_q
+        neg_logits = neg_logits - neg_log_q - math.log(neg_logits.shape[1])
     if pos_log_q is not None:
         pos_logits = pos_logits - pos_log_q
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)  # (P, 1 + k)

@@ -15,11 +15,15 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Path]:
     """The resolved config of a run folder and the path of its best checkpoint."""
     run = Path(run_dir)
     if not run.is_dir():
-        raise RunError(f"run folder {run} does not exist; pass the --out folder of a finished `annsample train`")
+        raise RunError(
+            f"run folder {run} does not exist; pass the --out folder of a finished `annsample train`"
+        )
     config_path, checkpoint = run / "config.yaml", run / "best.pt"
     for path in (config_path, checkpoint):
         if not path.is_file():
-            raise RunError(f"run folder {run} has no {path.name}; it is not a finished training run")
+            raise RunError(
+                f"run folder {run} has no {path.name}; it is not a finished training run"
+            )
     return load_config(config_path), checkpoint
 
 
@@ -38,7 +42,9 @@ def load_model(config: RunConfig, checkpoint: Path, n_items: int, device: torch.
     return model.eval()
 
 
-def evaluate_run(run_dir: str | Path, stages: tuple[str, ...] = ("valid", "test")) -> dict[str, dict[str, float]]:
+def evaluate_run(
+    run_dir: str | Path, stages: tuple[str, ...] = ("valid", "test")
+) -> dict[str, dict[str, float]]:
     """Full-ranking metrics of a run's best checkpoint for each stage."""
     from annsample.train import evaluate_model, prepare_data, resolve_device
 

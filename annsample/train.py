@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" picks CUDA when available; asking for CUDA without one is a clear error."""
+    """ "auto" picks CUDA when available; asking for CUDA without one is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -109,7 +109,9 @@ def prepare_data(config: RunConfig) -> Prepared:
         from annsample.synthetic import synthetic_dataset
 
         dataset = synthetic_dataset(
-            n_items=config.data.synthetic_items, n_users=config.data.synthetic_users, seed=config.seed
+            n_items=config.data.synthetic_items,
+            n_users=config.data.synthetic_users,
+            seed=config.seed,
         )
     else:
         dc = config.data
@@ -162,7 +164,12 @@ def make_index_refresher(config: RunConfig, dim: int):
 
     def factory() -> ItemIndex:
         return ItemIndex(
-            dim, nlist=ic.nlist, nprobe=ic.nprobe, backend=ic.backend, metric=ic.metric, seed=config.seed
+            dim,
+            nlist=ic.nlist,
+            nprobe=ic.nprobe,
+            backend=ic.backend,
+            metric=ic.metric,
+            seed=config.seed,
         )
 
     return IndexRefresher(factory, asynchronous=ic.asynchronous)
@@ -303,7 +310,18 @@ def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> di
                 seq = inputs[batch, -width:].to(device)
                 tgt = targets[batch, -width:].to(device)
                 loss = _step_loss(
-                    model, seq, tgt, prepared, batch, config, sampler, warmup, k, step, sampler_generator, device
+                    model,
+                    seq,
+                    tgt,
+                    prepared,
+                    batch,
+                    config,
+                    sampler,
+                    warmup,
+                    k,
+                    step,
+                    sampler_generator,
+                    device,
                 )
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
@@ -322,12 +340,23 @@ def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> di
             seconds = time.perf_counter() - t0
             epoch_seconds.append(seconds)
             mean_loss = total_loss / max(len(batches), 1)
-            log.write(step, **{"train/epoch_loss": mean_loss, "train/epoch": epoch, "train/epoch_seconds": seconds})
+            log.write(
+                step,
+                **{
+                    "train/epoch_loss": mean_loss,
+                    "train/epoch": epoch,
+                    "train/epoch_seconds": seconds,
+                },
+            )
             if epoch % tc.eval_every and epoch != tc.epochs:
                 logger.info("epoch %d: loss %.4f (%.1f s)", epoch, mean_loss, seconds)
                 continue
             valid = evaluate_model(model, prepared, "valid", config, device)
-            log.write(step, **{f"eval/valid/{key}": value for key, value in valid.items()}, **{"train/epoch": epoch})
+            log.write(
+                step,
+                **{f"eval/valid/{key}": value for key, value in valid.items()},
+                **{"train/epoch": epoch},
+            )
             logger.info(
                 "epoch %d: loss %.4f, valid ndcg@10 %.4f hr@10 %.4f (%.1f s)",
                 epoch,
@@ -404,7 +433,9 @@ def _maybe_refresh(refresher, schedule, model, step, epoch_end, log) -> None:
     log.write(step, **{"index/refresh": kind, "index/request_seconds": time.perf_counter() - t0})
 
 
-def _step_loss(model, seq, tgt, prepared, batch, config, sampler, warmup, k, step, generator, device):
+def _step_loss(
+    model, seq, tgt, prepared, batch, config, sampler, warmup, k, step, generator, device
+):
     h = model.encode(seq)  # (B, T, d)
     mask = tgt > 0
     h_pos = h[mask]  # (P, d) real positions only
@@ -414,7 +445,9 @@ def _step_loss(model, seq, tgt, prepared, batch, config, sampler, warmup, k, ste
         return full_ce_loss(h_pos, item_embeddings, positives)
     row = mask.nonzero()[:, 0]  # (P,) batch row of each position
     users = prepared.train_users[batch.numpy()]
-    exclusions = batch_exclusions(prepared, users, row, positives, config.sampler.exclude_history, device)
+    exclusions = batch_exclusions(
+        prepared, users, row, positives, config.sampler.exclude_history, device
+    )
     active = warmup if step < config.sampler.warmup_steps else sampler
     with torch.no_grad():
         negatives = active.sample(

@@ -84,7 +84,9 @@ def assert_matches(ids: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4) 
         exp = torch.cat([expected[big], expected[~big].sum()[None]])
         keep = exp > 0
         assert float(obs[~keep].sum()) == 0, "sampled an item of zero probability"
-        _, pvalue = stats.chisquare(obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item())
+        _, pvalue = stats.chisquare(
+            obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item()
+        )
         assert pvalue > alpha, f"position {p}: p-value {pvalue:.2e}"
 
 
@@ -141,7 +143,9 @@ def test_popularity_fallback_when_history_holds_the_mass():
     sampler = PopularitySampler(counts, beta=1.0, max_rounds=2)
     out = sampler.sample(None, None, ex, 500, torch.Generator().manual_seed(0))
     assert not bool(ex.contains(out.ids).any())
-    assert torch.allclose(out.log_q, sampler.probabilities(None, None, ex).gather(1, out.ids).log(), atol=1e-5)
+    assert torch.allclose(
+        out.log_q, sampler.probabilities(None, None, ex).gather(1, out.ids).log(), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 7 * 6])  # one chunk; chunks of 7 items
@@ -152,7 +156,11 @@ def test_exact_matches_genni_softmax(problem, chunk_elements):
     log_p = genni_log_probs(queries, items, ex, 1.5)
     assert torch.allclose(out.log_q.double(), log_p.gather(1, out.ids), atol=1e-5)
     draws = torch.cat(
-        [sampler.sample(queries, items, ex, 1000, torch.Generator().manual_seed(s)).ids for s in range(20)], 1
+        [
+            sampler.sample(queries, items, ex, 1000, torch.Generator().manual_seed(s)).ids
+            for s in range(20)
+        ],
+        1,
     )
     assert_matches(draws, log_p.exp())
 
@@ -181,7 +189,9 @@ def test_ann_faiss_ivf_full_probe_equals_exact(problem):
     from annsample.index import ItemIndex
 
     queries, items, ex = problem
-    index = ItemIndex(D, nlist=4, nprobe=4, backend="faiss").build(items[1:].contiguous(), torch.arange(1, N + 1))
+    index = ItemIndex(D, nlist=4, nprobe=4, backend="faiss").build(
+        items[1:].contiguous(), torch.arange(1, N + 1)
+    )
     ann = AnnSampler(index, alpha=1.0, candidates=N, epsilon=0.0)
     exact = genni_log_probs(queries, items, ex, 1.0).exp()
     assert torch.allclose(ann.probabilities(queries, items, ex).double(), exact, atol=1e-6)
@@ -200,7 +210,9 @@ def test_ann_mixture_is_a_distribution_with_exact_log_q(problem, query):
     allowed = dense_allowed(ex)
     assert bool((probs[allowed] > 0).all()), "ε mass must keep every allowed item reachable"
     assert float(probs[~allowed].abs().max()) == 0.0
-    out = ann.sample(queries, items, ex, 20000, torch.Generator().manual_seed(6), sequence_queries=seq_q)
+    out = ann.sample(
+        queries, items, ex, 20000, torch.Generator().manual_seed(6), sequence_queries=seq_q
+    )
     assert_matches(out.ids, probs)
     assert torch.allclose(out.log_q, probs.gather(1, out.ids).log(), atol=1e-5)
 
@@ -231,7 +243,9 @@ def test_pool_draws_softmax_over_pool_and_never_exclusions(problem):
 
 def test_dns_picks_the_best_candidate(problem):
     queries, items, ex = problem
-    sampler = DNSSampler(candidates=400)  # misses the best allowed item with prob (1-1/26)^400 ≈ 1e-7
+    sampler = DNSSampler(
+        candidates=400
+    )  # misses the best allowed item with prob (1-1/26)^400 ≈ 1e-7
     out = sampler.sample(queries, items, ex, 1, torch.Generator().manual_seed(8))
     scores = (queries @ items.T).masked_fill(ex.dense_mask(), float("-inf"))
     assert torch.equal(out.ids[:, 0], scores.argmax(1))
@@ -250,7 +264,9 @@ SAMPLERS = {
 def test_same_seed_same_samples_and_no_exclusions(problem, name):
     queries, items, ex = problem
     make = SAMPLERS.get(name) or (
-        lambda: AnnSampler(BruteForceIndex(items[1:], torch.arange(1, N + 1)), candidates=5, epsilon=0.2)
+        lambda: AnnSampler(
+            BruteForceIndex(items[1:], torch.arange(1, N + 1)), candidates=5, epsilon=0.2
+        )
     )
     a = make().sample(queries, items, ex, 64, torch.Generator().manual_seed(11))
     b = make().sample(queries, items, ex, 64, torch.Generator().manual_seed(11))
@@ -266,7 +282,9 @@ def test_user_who_has_seen_everything_is_a_clear_error(problem, name):
     queries, items, _ = problem
     history = torch.arange(1, N + 1)[None]
     ex = Exclusions(history, torch.tensor([0]), torch.tensor([3]), N)
-    make = SAMPLERS.get(name) or (lambda: AnnSampler(BruteForceIndex(items[1:], torch.arange(1, N + 1))))
+    make = SAMPLERS.get(name) or (
+        lambda: AnnSampler(BruteForceIndex(items[1:], torch.arange(1, N + 1)))
+    )
     with pytest.raises(SamplerError, match="interacted with all 30 items"):
         make().sample(queries[:1], items, ex, 1, torch.Generator().manual_seed(0))
 

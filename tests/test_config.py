@@ -1,0 +1,430 @@
+"""Tests for annsample.config: YAML loading, validation that names file and key, typed overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from annsample.config import (
+    CHOICES,
+    POSITIVE,
+    RunConfig,
+    config_from_dict,
+    config_to_dict,
+    dump_config,
+    load_config,
+    parse_override,
+)
+from annsample.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "run.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def nested(key: str, value: object) -> dict:
+    """{"a": {"b": value}} for key "a.b"."""
+    *sections, last = key.split(".")
+    raw: dict = {last: value}
+    for section in reversed(sections):
+        raw = {section: raw}
+    return raw
+
+
+def names(path: Path, *parts: str) -> str:
+    """A regex matching a message that names ``path`` and then every part, in order."""
+    return re.escape(str(path)) + "".join(".*" + re.escape(part) for part in parts)
+
+
+# --------------------------------------------------------------------------- defaults and files
+
+
+def test_defaults_load_without_a_file():
+    assert load_config(None) == RunConfig()
+    assert config_from_dict({}) == RunConfig()
+    assert config_from_dict(None) == RunConfig()
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == RunConfig()
+    assert load_config(write(tmp_path, "# only a comment\n")) == RunConfig()
+
+
+def test_shipped_configs_exist():
+    assert {path.name for path in CONFIGS} >= {"tiny.yaml", "beauty.yaml"}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda path: path.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    assert config.name == raw.get("name", RunConfig().name)
+    assert config.loss.name == raw.get("loss", {}).get("name", RunConfig().loss.name)
+    if config.data.path != "synthetic":
+        assert (REPO / config.data.path).is_file(), "a shipped config must name a shipped dataset"
+
+
+def test_file_values_override_defaults(tmp_path):
+    config = load_config(
+        write(tmp_path, "seed: 7\ntrain:\n  epochs: 3\nsampler:\n  index:\n    nlist: 32\n")
+    )
+    assert config.seed == 7
+    assert config.train.epochs == 3
+    assert config.sampler.index.nlist == 32
+    assert config.train.batch_size == RunConfig().train.batch_size  # untouched keys keep defaults
+
+
+def test_config_is_frozen():
+    config = RunConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.train.epochs = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- unknown keys and types
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("trian:\n  epochs: 3\n", "trian"),
+        ("train:\n  epoch: 3\n", "train.epoch"),
+        ("sampler:\n  index:\n    nlsit: 8\n", "sampler.index.nlsit"),
+    ],
+)
+def test_unknown_key_names_file_and_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=names(path, f"unknown key(s) {key}")):
+        load_config(path)
+
+
+def test_unknown_key_lists_the_valid_keys(tmp_path):
+    path = write(tmp_path, "sampler:\n  index:\n    nlsit: 8\n")
+    with pytest.raises(ConfigError, match=r"valid keys here are: .*nlist.*nprobe"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("train.epochs", "ten", "int"),
+        ("train.epochs", True, "int"),  # bool is an int subclass in Python: must still be rejected
+        ("train.epochs", 2.5, "int"),
+        ("train.lr", True, "float"),
+        ("train.lr", "fast", "float"),
+        ("train.show_progress", "yes please", "bool"),
+        ("train.show_progress", 1, "bool"),
+        ("name", 3, "str"),
+        ("data.path", None, "str"),
+        ("sampler.index.nlist", [8], "int"),
+    ],
+)
+def test_wrong_type_names_file_and_key(tmp_path, key, value, expected):
+    path = write(tmp_path, yaml.safe_dump(nested(key, value)))
+    with pytest.raises(ConfigError, match=names(path, f"'{key}'", f"expected {expected}")):
+        load_config(path)
+
+
+def test_int_is_accepted_for_float_and_stored_as_float(tmp_path):
+    config = load_config(write(tmp_path, "train:\n  lr: 1\n"))
+    assert config.train.lr == 1.0
+    assert isinstance(config.train.lr, float)
+
+
+@pytest.mark.parametrize("section", ["train", "sampler.index"])
+def test_section_that_is_not_a_mapping_is_an_error(tmp_path, section):
+    path = write(tmp_path, yaml.safe_dump(nested(section, 5)))
+    with pytest.raises(ConfigError, match=names(path, section, "must be a mapping")):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_choices_are_validated(tmp_path, key):
+    path = write(tmp_path, yaml.safe_dump(nested(key, "foo")))
+    with pytest.raises(ConfigError, match=names(path, f"'{key}' is 'foo'", CHOICES[key][0])):
+        load_config(path)
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_choice_is_accepted(key):
+    for choice in CHOICES[key]:
+        config = config_from_dict(nested(key, choice))
+        node = config
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == choice
+
+
+@pytest.mark.parametrize("key", sorted(POSITIVE))
+@pytest.mark.parametrize("value", [0, -3])
+def test_positive_ints_reject_zero_and_negatives(tmp_path, key, value):
+    path = write(tmp_path, yaml.safe_dump(nested(key, value)))
+    with pytest.raises(ConfigError, match=names(path, f"'{key}' must be >= 1")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"model": {"hidden_size": 10, "num_heads": 3}},
+            "model.hidden_size (10) must be divisible",
+        ),
+        ({"model": {"dropout": 1.0}}, "model.dropout must be in [0, 1)"),
+        ({"model": {"dropout": -0.1}}, "model.dropout must be in [0, 1)"),
+        ({"sampler": {"epsilon": 1.5}}, "sampler.epsilon must be in [0, 1]"),
+        ({"train": {"lr": 0.0}}, "train.lr must be a finite number > 0"),
+        (
+            {"sampler": {"index": {"nlist": 8, "nprobe": 16}}},
+            "sampler.index.nprobe (16) must be <=",
+        ),
+    ],
+)
+def test_inconsistent_values_are_errors(raw, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict(raw, "my.yaml")
+
+
+@pytest.mark.parametrize("lr", [math.nan, math.inf])
+def test_non_finite_learning_rate_is_an_error(lr):
+    with pytest.raises(ConfigError, match="train.lr"):
+        config_from_dict({"train": {"lr": lr}})
+
+
+def test_exponent_float_in_a_file_reads_like_the_same_override(tmp_path):
+    path = write(tmp_path, "train:\n  lr: 1e-3\n")
+    assert load_config(path) == load_config(None, ("train.lr=1e-3",))
+
+
+@pytest.mark.parametrize("text", ["0: 0\na: 0\n", "~: 1\na: x\n", "train:\n  1: 2\n  a: 3\n"])
+def test_mixed_type_keys_are_a_config_error(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        load_config(path)
+
+
+def test_self_referencing_alias_is_a_config_error(tmp_path):
+    path = write(tmp_path, "train: &loop [*loop]\n")
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        load_config(path)
+
+
+# --------------------------------------------------------------------------- invalid files
+
+
+def test_missing_file_is_an_error(tmp_path):
+    path = tmp_path / "missing.yaml"
+    with pytest.raises(ConfigError, match=names(path, "does not exist")):
+        load_config(path)
+
+
+def test_directory_is_not_a_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path))):
+        load_config(tmp_path)
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "train: [1, 2\n")
+    with pytest.raises(ConfigError, match=names(path, "invalid YAML")) as info:
+        load_config(path)
+    assert "\n" not in str(info.value), "the CLI prints the message on one line"
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=names(path, "top level must be a mapping")):
+        load_config(path)
+
+
+def test_non_utf8_file_is_an_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=names(path, "UTF-8")):
+        load_config(path)
+
+
+# --------------------------------------------------------------------------- --set overrides
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "value", "value_type"),
+    [
+        ("train.lr=1e-3", ["train", "lr"], 0.001, float),
+        ("train.lr=0.01", ["train", "lr"], 0.01, float),
+        ("train.epochs=5", ["train", "epochs"], 5, int),
+        ("sampler.index.nlist=64", ["sampler", "index", "nlist"], 64, int),
+        ("train.show_progress=false", ["train", "show_progress"], False, bool),
+        ("data.path=data/tiny.txt", ["data", "path"], "data/tiny.txt", str),
+        ("name = my-run", ["name"], "my-run", str),
+        ("name=", ["name"], "", str),
+    ],
+)
+def test_parse_override_types_values(text, path, value, value_type):
+    parsed_path, parsed_value = parse_override(text)
+    assert parsed_path == path
+    assert parsed_value == value
+    assert type(parsed_value) is value_type
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train.lr", "expected KEY=VALUE"),
+        ("=3", "the key is empty"),
+        ("a..b=1", "the key is empty"),
+        ("train.=1", "the key is empty"),
+        ("train.lr=[1", "not valid YAML"),
+    ],
+)
+def test_malformed_override_is_an_error(text, message):
+    with pytest.raises(ConfigError, match=re.escape(f"--set {text!r}") + ".*" + re.escape(message)):
+        parse_override(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, (text,))
+
+
+def test_overrides_apply_typed_values_on_top_of_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n  lr: 0.1\n")
+    config = load_config(path, ("train.lr=1e-3", "train.epochs=5", "sampler.index.nlist=64"))
+    assert config.train.lr == 0.001
+    assert isinstance(config.train.lr, float)
+    assert config.train.epochs == 5
+    assert config.sampler.index.nlist == 64
+    assert config.sampler.index.nprobe == RunConfig().sampler.index.nprobe
+
+
+def test_later_override_wins():
+    assert load_config(None, ("train.epochs=5", "train.epochs=7")).train.epochs == 7
+
+
+def test_overrides_do_not_touch_the_raw_mapping():
+    raw = {"train": {"epochs": 3}}
+    config_from_dict(raw, overrides=("train.epochs=9", "sampler.index.nlist=64"))
+    assert raw == {"train": {"epochs": 3}}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train.epochs=ten", "key 'train.epochs': expected int"),
+        ("train.epochs=true", "key 'train.epochs': expected int"),
+        ("train.lrr=1", "unknown key(s) train.lrr"),
+        ("sampler.name=foo", "key 'sampler.name' is 'foo'"),
+        ("train.epochs=0", "key 'train.epochs' must be >= 1"),
+    ],
+)
+def test_bad_override_value_names_the_key_and_the_flag(tmp_path, text, message):
+    path = write(tmp_path, "name: from-file\nseed: 1\n")
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_config(path, (text,))
+    assert str(path) in str(info.value) and "--set" in str(info.value)
+
+
+def test_override_below_a_scalar_names_the_flag(tmp_path):
+    path = write(tmp_path, "name: from-file\n")
+    with pytest.raises(ConfigError, match=re.escape("--set 'name.x=1': 'name' is not a section")):
+        load_config(path, ("name.x=1",))
+
+
+def test_override_of_a_string_key_keeps_exponent_like_text():
+    assert load_config(None, ("name=1e5",)).name == "1e5"
+
+
+# --------------------------------------------------------------------------- dump_config
+
+
+def non_default_config() -> RunConfig:
+    return load_config(
+        None,
+        (
+            "name=dumped",
+            "seed=3",
+            "train.lr=1e-4",
+            "model.sparse_embeddings=true",
+            "sampler.name=ann",
+            "sampler.index.nlist=64",
+            "sampler.index.metric=cosine",
+            "loss.name=gbce",
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [RunConfig(), non_default_config(), *(load_config(path) for path in CONFIGS)],
+    ids=["defaults", "non-default", *(path.name for path in CONFIGS)],
+)
+def test_dump_config_round_trips(tmp_path, config):
+    path = tmp_path / "config.yaml"
+    dump_config(config, path)
+    assert load_config(path) == config
+
+
+def test_dump_config_does_not_mutate_the_config(tmp_path):
+    config = non_default_config()
+    before = config_to_dict(config)
+    dump_config(config, tmp_path / "config.yaml")
+    assert config == non_default_config()
+    assert config_to_dict(config) == before
+
+
+def test_config_to_dict_returns_a_new_object():
+    config = non_default_config()
+    raw = config_to_dict(config)
+    raw["train"]["lr"] = 123.0
+    raw["sampler"]["index"]["nlist"] = 1
+    assert config == non_default_config()
+
+
+# --------------------------------------------------------------------------- property
+
+
+KEY_NAMES = sorted(
+    {part for key in [*CHOICES, *POSITIVE] for part in key.split(".")}
+    | {field.name for field in dataclasses.fields(RunConfig)}
+)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=10),
+    st.sampled_from([choice for choices in CHOICES.values() for choice in choices]),
+)
+# Mappings shaped like configs (string keys, real section and field names) reach past the top-level
+# checks; arbitrary text covers the parser.
+CONFIG_LIKE = st.recursive(
+    SCALARS,
+    lambda children: st.one_of(
+        st.lists(children, max_size=3),
+        st.dictionaries(st.sampled_from(KEY_NAMES) | st.text(max_size=6), children, max_size=4),
+    ),
+    max_leaves=12,
+).map(lambda raw: yaml.safe_dump(raw, allow_unicode=True))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(text=st.one_of(st.text(), CONFIG_LIKE))
+def test_any_text_gives_a_config_or_a_config_error(text):
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzz.yaml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            config = load_config(path)
+        except ConfigError as error:
+            assert str(path) in str(error)
+        else:
+            assert isinstance(config, RunConfig)

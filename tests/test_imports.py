@@ -1,0 +1,96 @@
+"""The import graph points one way: cli -> library, train -> model/samplers -> index, never back."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LIBRARY = REPO / "annsample"
+LIBRARY_FILES = sorted(LIBRARY.rglob("*.py"))
+
+
+def imported_modules(source: str, package: str) -> set[str]:
+    """Every module ``source`` imports, at any depth (lazy imports in functions included).
+
+    ``from a.b import c`` yields both ``a.b`` and ``a.b.c``, since ``c`` may be a submodule;
+    relative imports are resolved against ``package``, the dotted package the source lives in.
+    """
+    parts = package.split(".")
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = parts[: len(parts) - node.level + 1] if node.level else []
+            module = ".".join([*base, *([node.module] if node.module else [])])
+            modules.add(module)
+            modules.update(f"{module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def file_imports(path: Path) -> set[str]:
+    package = ".".join(path.relative_to(REPO).parts[:-1])
+    return imported_modules(path.read_text(encoding="utf-8"), package)
+
+
+def within(module: str, forbidden: str) -> bool:
+    return module == forbidden or module.startswith(forbidden + ".")
+
+
+def offending(path: Path, forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(m for m in file_imports(path) if any(within(m, f) for f in forbidden))
+
+
+def test_library_files_are_found():
+    assert {LIBRARY / "index.py", LIBRARY / "samplers.py", LIBRARY / "train.py"} <= set(
+        LIBRARY_FILES
+    )
+
+
+def test_scanner_sees_the_real_imports():
+    """Guards the guards: the known edges train -> model and model -> torch.nn are found."""
+    assert {"annsample.model", "annsample.model.SASRec"} <= file_imports(LIBRARY / "train.py")
+    assert {"torch.nn", "torch.nn.functional"} <= file_imports(LIBRARY / "model.py")
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("import torch.nn as tnn", {"torch.nn"}),
+        ("from torch import nn", {"torch", "torch.nn"}),
+        ("def f():\n    import annsample.train", {"annsample.train"}),
+        ("from . import cli", {"annsample", "annsample.cli"}),
+        ("from .train import x", {"annsample.train", "annsample.train.x"}),
+        ("from ..cli import main", {"cli", "cli.main"}),
+    ],
+)
+def test_scanner_resolves_every_import_form(source, expected):
+    assert imported_modules(source, "annsample") == expected
+
+
+def test_within_matches_whole_module_names():
+    assert within("torch.nn", "torch.nn") and within("torch.nn.functional", "torch.nn")
+    assert not within("torch.nnx", "torch.nn") and not within("torch", "torch.nn")
+
+
+@pytest.mark.parametrize("path", LIBRARY_FILES, ids=lambda path: path.name)
+def test_library_never_imports_the_cli(path):
+    assert offending(path, ("cli", "annsample.cli")) == []
+
+
+@pytest.mark.parametrize("name", ["index.py", "samplers.py"])
+def test_index_and_samplers_take_tensors_not_models(name):
+    """They get hidden states and the item table, never an nn.Module or the training loop."""
+    forbidden = ("annsample.model", "annsample.train", "torch.nn")
+    assert offending(LIBRARY / name, forbidden) == []
+
+
+def test_samplers_never_import_training():
+    assert offending(LIBRARY / "samplers.py", ("annsample.train", "annsample.run")) == []
+
+
+def test_index_never_imports_samplers():
+    assert offending(LIBRARY / "index.py", ("annsample.samplers",)) == []
