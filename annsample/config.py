@@ -29,7 +29,8 @@ class DataConfig:
     max_len: int = 50
     # synthetic catalog (used when path == "synthetic"): see annsample.synthetic
     synthetic_items: int = 0
-    synthetic_users: int = 0
+    synthetic_users: int = 0  # 0 = synthetic_items // 5
+    synthetic_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class TrainConfig:
     eval_every: int = 1  # epochs between validation evaluations
     patience: int = 10  # evaluations without validation NDCG@10 improvement before stopping
     eval_batch_size: int = 1024
+    eval_users: int = 0  # evaluate a fixed random subset of users (0 = all; for huge catalogs)
     device: str = "cpu"  # "cpu", "cuda", "auto"
     num_threads: int = 0  # torch threads (0 = torch default)
     log_every: int = 50  # steps between train/ JSONL records
@@ -239,6 +241,11 @@ def _check_consistency(config: RunConfig, where: str) -> None:
         raise ConfigError(
             f"{where}: sampler.epsilon must be in [0, 1], got {config.sampler.epsilon}"
         )
+    if config.model.sparse_embeddings and config.loss.name == "full_ce":
+        raise ConfigError(
+            f"{where}: loss.name=full_ce uses the whole item table every step, so it cannot train "
+            "sparse embeddings; set model.sparse_embeddings=false or use a sampled loss"
+        )
     if not math.isfinite(config.train.lr) or config.train.lr <= 0:
         raise ConfigError(f"{where}: train.lr must be a finite number > 0, got {config.train.lr}")
     if config.sampler.index.nprobe > config.sampler.index.nlist:
@@ -246,6 +253,32 @@ def _check_consistency(config: RunConfig, where: str) -> None:
             f"{where}: sampler.index.nprobe ({config.sampler.index.nprobe}) must be <= "
             f"sampler.index.nlist ({config.sampler.index.nlist})"
         )
+
+
+def catalog_overrides(n_items: int) -> tuple[str, ...]:
+    """Overrides for ``annsample train --catalog-size N``: a synthetic catalog of N items.
+
+    Large catalogs get the product's settings: the ANN sampler over an IVF index with about
+    4·sqrt(N) lists, sparse item-embedding gradients (a dense Adam step on a 1M-row table costs
+    more than the rest of the step), and validation on a fixed subset of 5,000 users.
+    """
+    nlist = int(min(max(16, 4 * math.isqrt(n_items)), 65536, n_items // 39 or 1))
+    overrides = [
+        "name=synthetic-"
+        + (f"{n_items // 1_000_000}M" if n_items % 1_000_000 == 0 else str(n_items)),
+        "data.path=synthetic",
+        f"data.synthetic_items={n_items}",
+    ]
+    if n_items >= 100_000:
+        overrides += [
+            "sampler.name=ann",
+            f"sampler.index.nlist={nlist}",
+            f"sampler.index.nprobe={max(1, min(32, nlist))}",
+            "model.sparse_embeddings=true",
+            "train.eval_users=5000",
+            "train.epochs=3",
+        ]
+    return tuple(overrides)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

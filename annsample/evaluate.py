@@ -88,6 +88,7 @@ def evaluate_ranking(
     device: str | torch.device = "cpu",
     ks: Sequence[int] = KS,
     show_progress: bool = False,
+    users: np.ndarray | None = None,
 ) -> tuple[dict[str, float], np.ndarray]:
     """Full-ranking HR@k / NDCG@k of next-item prediction from the last position.
 
@@ -96,29 +97,31 @@ def evaluate_ranking(
         item_embeddings: (N+1, d).
         inputs: (U, T) int64 right-aligned input sequences; targets: (U,) int64.
         history_indptr, history_items: CSR of items to mask for each user.
+        users: rows to evaluate (default all), e.g. a fixed random subset on huge catalogs.
     Returns:
-        metrics dict and the (U,) ranks.
+        metrics dict and the ranks of the evaluated rows (in ``users`` order).
     """
     from tqdm.auto import tqdm
 
     from annsample.data import pad_rows
 
     n_items = item_embeddings.shape[0] - 1
-    U = inputs.shape[0]
-    ranks = np.empty(U, dtype=np.int64)
+    users = np.arange(inputs.shape[0]) if users is None else np.asarray(users)
+    ranks = np.empty(inputs.shape[0], dtype=np.int64)
     item_chunk = max(1024, (1 << 25) // max(batch_size, 1))
     # users in order of length, so each chunk can drop its common left padding
-    lengths = np.maximum((inputs > 0).sum(axis=1), 1)
-    by_length = np.argsort(lengths, kind="stable")
-    starts = range(0, U, batch_size)
+    lengths = np.maximum((inputs[users] > 0).sum(axis=1), 1)
+    by_length = users[np.argsort(lengths, kind="stable")]
+    starts = range(0, len(users), batch_size)
     for start in tqdm(starts, desc="evaluate", leave=False, disable=not show_progress):
-        users = by_length[start : start + batch_size]
-        width = int(lengths[users].max())
-        seq = torch.as_tensor(inputs[users, -width:], device=device)
+        rows = by_length[start : start + batch_size]
+        width = int(max((inputs[rows] > 0).sum(axis=1).max(), 1))
+        seq = torch.as_tensor(inputs[rows, -width:], device=device)
         h = encode(seq)[:, -1, :]  # (C, d)
         hist = torch.as_tensor(
-            pad_rows(history_indptr, history_items, users, n_items + 1), device=device
+            pad_rows(history_indptr, history_items, rows, n_items + 1), device=device
         )
-        tgt = torch.as_tensor(targets[users], device=device)
-        ranks[users] = rank_targets(h, item_embeddings, tgt, hist, item_chunk).cpu().numpy()
+        tgt = torch.as_tensor(targets[rows], device=device)
+        ranks[rows] = rank_targets(h, item_embeddings, tgt, hist, item_chunk).cpu().numpy()
+    ranks = ranks[users]
     return metrics_from_ranks(ranks, ks), ranks

@@ -97,6 +97,10 @@ class SASRec(nn.Module):
         """The item table E, (N+1, d) float32; row 0 is padding."""
         return self.item_embedding.weight
 
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``ids`` (any shape) -> (..., d); keeps gradients sparse when configured."""
+        return self.item_embedding(ids)
+
     def encode(self, seq: torch.Tensor) -> torch.Tensor:
         """Hidden states for every position.
 

@@ -235,10 +235,18 @@ def evaluate_model(
             items,
             batch_size=config.train.eval_batch_size,
             device=device,
+            users=eval_users(split.n_users, config.train.eval_users, config.seed),
         )
     finally:
         model.train(was_training)
     return metrics
+
+
+def eval_users(n_users: int, count: int, seed: int) -> np.ndarray | None:
+    """A fixed random subset of ``count`` users to evaluate (None = all users)."""
+    if not count or count >= n_users:
+        return None
+    return np.sort(np.random.default_rng(seed + 3).choice(n_users, size=count, replace=False))
 
 
 def _optimizers(model: SASRec, config: RunConfig) -> list[torch.optim.Optimizer]:
@@ -458,8 +466,8 @@ def _step_loss(
             generator,
             sequence_queries=h[:, -1].detach(),
         )
-    pos_logits = (h_pos * item_embeddings[positives]).sum(dim=1)  # (P,)
-    neg_logits = torch.einsum("pd,pkd->pk", h_pos, item_embeddings[negatives.ids])  # (P, k)
+    pos_logits = (h_pos * model.item_vectors(positives)).sum(dim=1)  # (P,)
+    neg_logits = torch.einsum("pd,pkd->pk", h_pos, model.item_vectors(negatives.ids))  # (P, k)
     name = config.loss.name
     if name == "bce":
         return bce_loss(pos_logits, neg_logits)

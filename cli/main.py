@@ -66,15 +66,29 @@ def main(verbose: bool) -> None:
     help="Run folder (default runs/<date>-<name>).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run folder.")
+@click.option(
+    "--catalog-size",
+    default=None,
+    metavar="N",
+    help="Train on a synthetic catalog of N items (e.g. 100k, 1M) instead of the config's dataset; "
+    "from 100k items on, the ANN sampler and sparse embeddings are switched on (--set still wins).",
+)
 @_user_errors
 def train(
-    config_path: Path | None, overrides: tuple[str, ...], out_dir: Path | None, overwrite: bool
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    out_dir: Path | None,
+    overwrite: bool,
+    catalog_size: str | None,
 ) -> None:
     """Train a model and write config, metrics, checkpoint and results into the run folder."""
-    from annsample.config import load_config
+    from annsample.config import catalog_overrides, load_config
+    from annsample.synthetic import parse_size
     from annsample.train import default_run_dir
     from annsample.train import train as run_training
 
+    if catalog_size is not None:
+        overrides = catalog_overrides(parse_size(catalog_size)) + tuple(overrides)
     config = load_config(config_path, overrides)
     out = out_dir or default_run_dir(config)
     results = run_training(config, out, overwrite=overwrite)
