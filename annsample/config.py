@@ -57,6 +57,9 @@ class IndexConfig:
     asynchronous: bool = False
     drift_threshold: float = 0.05  # adaptive schedule
     recall_threshold: float = 0.0  # adaptive schedule (0 = not used)
+    check_every: int = 50  # adaptive schedule: steps between staleness checks
+    probe_every: int = 0  # measure staleness every n steps (0 = only just before each refresh)
+    probe_queries: int = 64  # validation users whose hidden states probe the index
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,8 @@ POSITIVE = {
     "sampler.index.nlist",
     "sampler.index.nprobe",
     "sampler.index.refresh_every",
+    "sampler.index.check_every",
+    "sampler.index.probe_queries",
     "train.epochs",
     "train.batch_size",
     "train.eval_every",

@@ -187,8 +187,9 @@ def make_refresh_schedule(config: RunConfig):
         return make_schedule("never")
     return make_schedule(
         "adaptive",
-        drift_threshold=ic.drift_threshold,
+        drift_threshold=ic.drift_threshold or None,
         recall_threshold=ic.recall_threshold or None,
+        check_every=ic.check_every,
         retrain_every=ic.retrain_every,
     )
 
@@ -293,8 +294,14 @@ def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> di
     if config.loss.name != "full_ce" and config.sampler.name == "ann":
         refresher = make_index_refresher(config, config.model.hidden_size)
         schedule = make_refresh_schedule(config)
-        refresher.build(_index_snapshot(model), step=0)
+        item_ids = torch.arange(1, split.n_items + 1, device=device)
+        refresher.build(_index_snapshot(model), step=0, ids=item_ids)
     sampler = build_sampler(config, prepared, refresher) if config.loss.name != "full_ce" else None
+    monitor = (
+        StalenessMonitor(model, prepared, config, sampler, device)
+        if refresher is not None
+        else None
+    )
     warmup = UniformSampler()
 
     log = MetricsLog(out / "metrics.jsonl")
@@ -342,9 +349,9 @@ def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> di
                     log.write(step, **{"train/loss": loss.item(), "train/epoch": epoch})
                     bar.set_postfix(loss=f"{loss.item():.4f}")
                 if refresher is not None:
-                    _maybe_refresh(refresher, schedule, model, step, epoch_end=False, log=log)
+                    monitor.after_step(refresher, schedule, step, epoch_end=False, log=log)
             if refresher is not None:
-                _maybe_refresh(refresher, schedule, model, step, epoch_end=True, log=log)
+                monitor.after_step(refresher, schedule, step, epoch_end=True, log=log)
             seconds = time.perf_counter() - t0
             epoch_seconds.append(seconds)
             mean_loss = total_loss / max(len(batches), 1)
@@ -431,14 +438,75 @@ def _index_snapshot(model: SASRec) -> torch.Tensor:
     return model.item_embeddings.detach()[1:].float().clone()
 
 
-def _maybe_refresh(refresher, schedule, model, step, epoch_end, log) -> None:
-    refresher.poll()
-    kind = schedule.should_refresh(step, epoch_end, {})
-    if kind is None:
-        return
-    t0 = time.perf_counter()
-    refresher.request(kind, _index_snapshot(model), step)
-    log.write(step, **{"index/refresh": kind, "index/request_seconds": time.perf_counter() - t0})
+class StalenessMonitor:
+    """Runs the refresh schedule and measures index staleness on fixed probe queries.
+
+    Probe queries are the last hidden states of a fixed set of validation users (computed in eval
+    mode at probe time), with their history and validation target excluded. Figures are logged just
+    before every refresh (when the index is at its stalest) and every ``probe_every`` steps.
+    """
+
+    def __init__(
+        self, model: SASRec, prepared: Prepared, config: RunConfig, sampler, device
+    ) -> None:
+        from annsample.staleness import probe_exclusions
+
+        self.model, self.sampler, self.config = model, sampler, config
+        ic = config.sampler.index
+        split = prepared.split
+        users = eval_users(split.n_users, ic.probe_queries, config.seed + 7)
+        users = np.arange(split.n_users) if users is None else users
+        inputs, targets = data_mod.eval_tensors(split, "valid", config.data.max_len)
+        indptr, items = data_mod.history_csr(split, "valid")
+        self.inputs = torch.as_tensor(inputs[users], device=device)
+        history = torch.as_tensor(
+            data_mod.pad_rows(indptr, items, users, split.n_items + 1), device=device
+        )
+        self.exclusions = probe_exclusions(
+            torch.as_tensor(targets[users], device=device), history, split.n_items
+        )
+        self.probe_every = ic.probe_every
+        # the table the current index was built from (for drift); kept only when it is measured
+        self.keep_built = (
+            ic.refresh == "adaptive" or ic.probe_every > 0 or split.n_items <= 2_000_000
+        )
+        self.built = _index_snapshot(model) if self.keep_built else None
+
+    def measure(self) -> dict[str, float]:
+        from annsample.staleness import measure_staleness
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                xq = self.model.encode(self.inputs)[:, -1].contiguous()
+            items = self.model.item_embeddings.detach()
+            return measure_staleness(self.sampler, xq, items, self.built, self.exclusions)
+        finally:
+            self.model.train(was_training)
+
+    def after_step(self, refresher, schedule, step: int, epoch_end: bool, log: MetricsLog) -> None:
+        refresher.poll()  # a background failure surfaces here, in the training thread
+        stats: dict[str, float] = {}
+        if schedule.needs_stats(step) or (self.probe_every and step % self.probe_every == 0):
+            stats = self.measure()
+        kind = schedule.should_refresh(
+            step,
+            epoch_end,
+            {"drift": stats.get("index/drift", 0.0), "recall": stats.get("index/recall@k", 1.0)},
+        )
+        if kind is not None and not stats:
+            stats = self.measure()
+        if kind is not None:
+            t0 = time.perf_counter()
+            snapshot = _index_snapshot(self.model)
+            refresher.request(kind, snapshot, step)
+            stats["index/request_seconds"] = time.perf_counter() - t0
+            stats["index/refresh"] = kind
+            if self.keep_built:
+                self.built = snapshot
+        if stats:
+            log.write(step, **stats, **refresher.stats(step))
 
 
 def _step_loss(

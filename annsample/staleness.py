@@ -1,0 +1,64 @@
+"""Staleness of the item index, measured on probe queries rather than guessed.
+
+At each refresh (and every ``probe_every`` steps) the training loop asks how far the index it is
+sampling from has fallen behind the current embeddings: recall@K of the stale index against the exact
+top-K under the current embeddings, embedding drift since the build, and, on the probe queries, the
+hardness of the ANN sampler's negatives and its total-variation distance to exact GenNi.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from annsample.index import exact_topk, recall_at_k
+from annsample.refresh import embedding_drift
+from annsample.samplers import AnnSampler, Exclusions, genni_log_probs
+
+
+def probe_exclusions(positives: torch.Tensor, history: torch.Tensor, n_items: int) -> Exclusions:
+    """Exclusions for Q probe queries, one history row each."""
+    return Exclusions(
+        history, torch.arange(positives.shape[0], device=positives.device), positives, n_items
+    )
+
+
+@torch.no_grad()
+def measure_staleness(
+    sampler: AnnSampler,
+    xq: torch.Tensor,
+    item_embeddings: torch.Tensor,
+    built_embeddings: torch.Tensor | None,
+    exclusions: Exclusions,
+    max_dense: int = 1 << 25,
+) -> dict[str, float]:
+    """Namespaced staleness figures of ``sampler``'s current index for probe queries ``xq``.
+
+    Args:
+        sampler: the ANN sampler (its ``index`` is searched as training would).
+        xq: (Q, d) probe hidden states.
+        item_embeddings: (N+1, d) current item table (row 0 padding).
+        built_embeddings: (N, d) the table the index was built from, for drift (None: skip).
+        exclusions: the probe queries' exclusions.
+        max_dense: TV and hardness need Q x N dense probabilities; skipped above this size.
+    """
+    index = sampler._current_index()
+    K = sampler.candidates
+    xb = item_embeddings[1:]
+    _, I_exact = exact_topk(xq, xb, K)
+    _, I_index = index.search(xq, K)
+    stats = {"index/recall@k": recall_at_k(I_index, I_exact + 1), "index/k": K}
+    if built_embeddings is not None:
+        stats["index/drift"] = embedding_drift(xb, built_embeddings)
+    if xq.shape[0] * item_embeddings.shape[0] <= max_dense:
+        q = sampler.probabilities(xq, item_embeddings, exclusions).double()
+        p = genni_log_probs(xq, item_embeddings, exclusions, sampler.alpha).exp()
+        stats["sampler/tv_to_exact"] = float(0.5 * (q - p).abs().sum(1).mean())
+        # hardness: expected share of allowed items scoring below a drawn negative
+        excluded = exclusions.dense_mask()
+        scores = (xq @ item_embeddings.T).masked_fill(excluded, float("-inf"))
+        # excluded items sort first; subtracting their count leaves the rank among allowed items
+        below = scores.argsort(dim=1).argsort(dim=1).double() - excluded.sum(1, keepdim=True)
+        share = (below / (exclusions.n_allowed.double()[:, None] - 1).clamp(min=1)).clamp(min=0)
+        stats["sampler/hardness"] = float((q * share).sum(1).mean())
+        stats["sampler/exact_hardness"] = float((p * share).sum(1).mean())
+    return stats
