@@ -133,6 +133,7 @@ def bench_samplers(
                 candidates=config.sampler.candidates,
                 epsilon=config.sampler.epsilon,
                 query="position",
+                tail_samples=config.sampler.tail_samples,
             )
             settings = {
                 "nlist": ic.nlist,
@@ -156,7 +157,9 @@ def bench_samplers(
         else:
             sampler = build_sampler(config, prepared)
         generator = torch.Generator().manual_seed(seed)
-        ms = _median_ms(lambda s=sampler, g=generator: s.sample(h, items, exclusions, 1, g), repeats)
+        ms = _median_ms(
+            lambda s=sampler, g=generator: s.sample(h, items, exclusions, 1, g), repeats
+        )
         ms_per_256 = ms * 256.0 / len(users)
         if hasattr(sampler, "probabilities"):
             q = sampler.probabilities(h[probe], items, probe_ex).double()

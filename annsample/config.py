@@ -73,7 +73,8 @@ class SamplerConfig:
     beta: float = 1.0  # popularity exponent: q ∝ count^beta
     pool_size: int = 1000  # pool / dns candidates M
     candidates: int = 200  # ann: K candidates from the index
-    epsilon: float = 0.05  # ann: uniform mixture mass
+    epsilon: float = 0.05  # ann: uniform mixture mass (its floor when tail_samples > 0)
+    tail_samples: int = 0  # ann: uniform items that estimate the GenNi mass outside the candidates
     query: str = (
         "position"  # ann: "position" (every position queries) or "sequence" (last state queries)
     )

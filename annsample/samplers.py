@@ -440,25 +440,25 @@ def _draw_from_candidates(
     exclusions: Exclusions,
     k: int,
     generator: torch.Generator,
-    epsilon: float = 0.0,
+    epsilon: float | torch.Tensor = 0.0,
 ) -> Negatives:
     """Draw k ids per row from the mixture (1-ε)·softmax(logits) over candidates + ε·uniform(allowed).
 
     Args:
         logits: (P, M) α-scaled scores with -inf on excluded or missing candidates.
         candidates: (P, M) int64 candidate ids (a repeated id's slots add up).
-        epsilon: uniform mass; rows with no usable candidate use ε = 1.
+        epsilon: uniform mass, a float or (P,) per row; rows with no usable candidate use ε = 1.
     Returns:
         ids (P, k) and the exact log probability of each id under that mixture.
     """
     P, M = logits.shape
     has_candidate = torch.isfinite(logits).any(dim=1)
-    eps = torch.where(has_candidate, epsilon, 1.0).to(torch.float64)  # (P,)
+    eps = torch.where(has_candidate, torch.as_tensor(epsilon, dtype=torch.float64), 1.0)  # (P,)
     safe_logits = torch.where(has_candidate[:, None], logits, torch.zeros_like(logits))
     slots, _ = sample_from_logits(safe_logits, k, generator)
     ids = candidates.gather(1, slots)
     n_allowed = exclusions.n_allowed.to(torch.float64)
-    if epsilon > 0.0 or not bool(has_candidate.all()):
+    if bool((eps > 0).any()):
         use_uniform = (
             torch.rand(P, k, generator=generator, device=logits.device, dtype=torch.float64)
             < eps[:, None]
@@ -485,7 +485,14 @@ class AnnSampler:
     Args:
         index: anything with ``search(xq (Q, d), k) -> (D, I)`` returning item ids (``-1`` = missing),
             e.g. an :class:`annsample.index.ItemIndex`, or an object with ``current()`` returning one.
-        alpha: inverse temperature α; candidates: K; epsilon: uniform mass ε.
+        alpha: inverse temperature α; candidates: K; epsilon: uniform mass ε (the floor of it
+            when ``tail_samples`` > 0).
+        tail_samples: 0 keeps ε fixed. With M > 0, M uniform items shared by the batch estimate, per
+            query, the GenNi mass lying outside the candidates, Ẑ_tail = (n_allowed − K) ·
+            mean_u exp(α·h·e_u), and ε becomes max(ε, Ẑ_tail / (Z_C + Ẑ_tail)). The mixture then
+            tracks exact GenNi when its distribution is flat (early training) or the index is
+            stale (its candidates score low), and stays sharp when the candidates hold the mass.
+            ``log_q`` stays exact for the ε actually used.
         query: "position" (every position queries the index) or "sequence" (each sequence's last
             hidden state queries once; its candidates serve all its positions, rescored per position).
     """
@@ -501,6 +508,7 @@ class AnnSampler:
         candidates: int = 200,
         epsilon: float = 0.05,
         query: str = "position",
+        tail_samples: int = 0,
         chunk_elements: int = 1 << 24,
     ) -> None:
         if query not in ("position", "sequence"):
@@ -512,6 +520,7 @@ class AnnSampler:
         self.candidates = candidates
         self.epsilon = epsilon
         self.query = query
+        self.tail_samples = tail_samples
         self.chunk_elements = chunk_elements
 
     def _current_index(self):
@@ -549,18 +558,58 @@ class AnnSampler:
         blocked = (candidates < 1) | exclusions.contains(candidates.clamp(min=0))
         return logits.masked_fill(blocked, float("-inf")), candidates
 
+    def _epsilon(
+        self, queries, item_embeddings, exclusions, logits, candidates, generator
+    ) -> torch.Tensor:
+        """(P,) float64 uniform mass per query: fixed, or the estimated tail mass (see class doc)."""
+        P = queries.shape[0]
+        floor = torch.full((P,), self.epsilon, dtype=torch.float64, device=queries.device)
+        if not self.tail_samples:
+            return floor
+        N = item_embeddings.shape[0] - 1
+        tail = torch.randint(
+            1, N + 1, (self.tail_samples,), generator=generator, device=queries.device
+        )
+        tail_logits = self.alpha * (queries @ item_embeddings[tail].T)  # (P, M)
+        tail_ids = tail[None, :].expand(P, -1)
+        # the tail is what the candidates miss: drop excluded items and the usable candidates
+        usable = torch.where(torch.isfinite(logits), candidates, -1).sort(dim=1).values  # (P, K)
+        slot = torch.searchsorted(usable, tail_ids.contiguous()).clamp_(max=usable.shape[1] - 1)
+        in_candidates = usable.gather(1, slot) == tail_ids
+        tail_logits = tail_logits.masked_fill(
+            exclusions.contains(tail_ids) | in_candidates, float("-inf")
+        )
+        n_seen = torch.isfinite(tail_logits).sum(1)
+        n_candidates = torch.isfinite(logits).sum(1)
+        n_tail = (exclusions.n_allowed - n_candidates).clamp(min=0).double()
+        log_tail = torch.logsumexp(tail_logits.double(), 1) - torch.log(
+            n_seen.clamp(min=1).double()
+        )
+        log_tail = log_tail + torch.log(n_tail)
+        log_cand = torch.logsumexp(logits.double(), 1)
+        estimate = torch.sigmoid(log_tail - log_cand).nan_to_num(0.0)
+        estimate = torch.where(n_seen > 0, estimate, 0.0)
+        return torch.maximum(floor, estimate)
+
     def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
         exclusions.check_nonempty()
         logits, candidates = self._logits(queries, item_embeddings, exclusions, sequence_queries)
-        return _draw_from_candidates(logits, candidates, exclusions, k, generator, self.epsilon)
+        eps = self._epsilon(queries, item_embeddings, exclusions, logits, candidates, generator)
+        return _draw_from_candidates(logits, candidates, exclusions, k, generator, eps)
 
     def probabilities(
-        self, queries, item_embeddings, exclusions, sequence_queries=None
+        self, queries, item_embeddings, exclusions, sequence_queries=None, generator=None
     ) -> torch.Tensor:
-        """(P, N+1) exact proposal probabilities of the ε-mixture (small catalogs only)."""
+        """(P, N+1) exact proposal probabilities of the ε-mixture (small catalogs only).
+
+        With ``tail_samples`` the ε depends on the tail draw: a generator in the same state as
+        the one given to :meth:`sample` gives the same ε.
+        """
         logits, candidates = self._logits(queries, item_embeddings, exclusions, sequence_queries)
+        generator = generator or torch.Generator(device=queries.device).manual_seed(0)
+        eps = self._epsilon(queries, item_embeddings, exclusions, logits, candidates, generator)
         has_candidate = torch.isfinite(logits).any(dim=1)
-        eps = torch.where(has_candidate, self.epsilon, 1.0).double()
+        eps = torch.where(has_candidate, eps, 1.0)
         p_cand = torch.softmax(torch.where(has_candidate[:, None], logits, 0.0).double(), dim=1)
         p_cand = p_cand.masked_fill(~torch.isfinite(logits), 0.0)
         allowed = (~exclusions.dense_mask()).double()

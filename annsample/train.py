@@ -150,7 +150,12 @@ def build_sampler(config: RunConfig, prepared: Prepared, index_source=None):
         return DNSSampler(candidates=s.pool_size)
     if s.name == "ann":
         return AnnSampler(
-            index_source, alpha=s.alpha, candidates=s.candidates, epsilon=s.epsilon, query=s.query
+            index_source,
+            alpha=s.alpha,
+            candidates=s.candidates,
+            epsilon=s.epsilon,
+            query=s.query,
+            tail_samples=s.tail_samples,
         )
     raise ValueError(f"unknown sampler {s.name!r}")  # config validation makes this unreachable
 

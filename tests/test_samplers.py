@@ -295,3 +295,36 @@ def test_one_allowed_item_left_is_always_drawn():
     out = UniformSampler().sample(None, None, ex, 50, torch.Generator().manual_seed(0))
     assert set(out.ids.flatten().tolist()) == {17}
     assert torch.allclose(out.log_q, torch.zeros(1, 50))
+
+
+@pytest.mark.parametrize("query", ["position", "sequence"])
+def test_ann_tail_estimate_keeps_log_q_exact(problem, query):
+    queries, items, ex = problem
+    index = BruteForceIndex(items[1:], torch.arange(1, N + 1))
+    ann = AnnSampler(index, alpha=1.0, candidates=4, epsilon=0.01, query=query, tail_samples=16)
+    seq_q = queries[[0, 2, 5]]
+    out = ann.sample(
+        queries, items, ex, 20000, torch.Generator().manual_seed(3), sequence_queries=seq_q
+    )
+    probs = ann.probabilities(queries, items, ex, seq_q, torch.Generator().manual_seed(3))
+    assert torch.allclose(probs.sum(1), torch.ones(6), atol=1e-6)
+    assert torch.allclose(out.log_q, probs.gather(1, out.ids).log(), atol=1e-5)
+    assert_matches(out.ids, probs)
+
+
+def test_ann_tail_estimate_tracks_where_the_mass_is(problem):
+    queries, items, ex = problem
+    index = BruteForceIndex(items[1:], torch.arange(1, N + 1))
+    exact = genni_log_probs(queries, items, ex, 1.0).exp()
+
+    def tv(sampler):
+        q = sampler.probabilities(queries, items, ex, generator=torch.Generator().manual_seed(0))
+        return float(0.5 * (q.double() - exact).abs().sum(1).mean())
+
+    fixed = AnnSampler(index, alpha=1.0, candidates=4, epsilon=0.01)
+    tail = AnnSampler(index, alpha=1.0, candidates=4, epsilon=0.01, tail_samples=200)
+    # 4 candidates hold only part of a fairly flat distribution: estimating the tail mass helps
+    assert tv(tail) < tv(fixed)
+    # when the candidates are the whole catalog, nothing is left for the tail: ε stays at its floor
+    everything = AnnSampler(index, alpha=1.0, candidates=N, epsilon=0.0, tail_samples=64)
+    assert tv(everything) < 1e-6
