@@ -127,7 +127,9 @@ def test_sampled_softmax_uniform_q_over_k_negatives_cancels():
     # q(j) = 1/k for each of the k negatives: log(k q) = 0, nothing changes
     k = NEG.shape[1]
     log_q = torch.full_like(NEG, -math.log(k))
-    torch.testing.assert_close(sampled_softmax_loss(POS, NEG, log_q), sampled_softmax_loss(POS, NEG))
+    torch.testing.assert_close(
+        sampled_softmax_loss(POS, NEG, log_q), sampled_softmax_loss(POS, NEG)
+    )
 
 
 def all_other_items(h: torch.Tensor, items: torch.Tensor, targets: torch.Tensor):
