@@ -105,6 +105,8 @@ class TrainConfig:
     bucket_by_length: bool = True  # batch sequences of similar length (see train.make_batches)
     max_steps_per_epoch: int = 0  # 0 = full epochs (a cap makes smoke runs cheap)
     show_progress: bool = True
+    checkpoint_every: int = 500  # steps between full-state checkpoints (0 = at epoch ends only)
+    keep_checkpoints: int = 3  # newest checkpoints kept in <run>/checkpoints
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ POSITIVE = {
     "train.patience",
     "train.eval_batch_size",
     "train.log_every",
+    "train.keep_checkpoints",
 }
 
 
@@ -252,6 +255,11 @@ def _check_consistency(config: RunConfig, where: str) -> None:
             f"{where}: loss.name=full_ce uses the whole item table every step, so it cannot train "
             "sparse embeddings; set model.sparse_embeddings=false or use a sampled loss"
         )
+    if config.train.checkpoint_every < 0:
+        raise ConfigError(
+            f"{where}: train.checkpoint_every must be >= 0 (0 = checkpoint at epoch ends only), "
+            f"got {config.train.checkpoint_every}"
+        )
     if not math.isfinite(config.train.lr) or config.train.lr <= 0:
         raise ConfigError(f"{where}: train.lr must be a finite number > 0, got {config.train.lr}")
     if config.sampler.index.nprobe > config.sampler.index.nlist:
@@ -264,11 +272,12 @@ def _check_consistency(config: RunConfig, where: str) -> None:
 def catalog_overrides(n_items: int) -> tuple[str, ...]:
     """Overrides for ``annsample train --catalog-size N``: a synthetic catalog of N items.
 
-    Large catalogs get the product's settings: the ANN sampler over an IVF index with about
-    4·sqrt(N) lists, sparse item-embedding gradients (a dense Adam step on a 1M-row table costs
-    more than the rest of the step), and validation on a fixed subset of 5,000 users.
+    Large catalogs get the product's settings: the ANN sampler over an IVF index with about sqrt(N)
+    lists, one index query per sequence (its candidates serve all its positions), sparse
+    item-embedding gradients (a dense Adam step on a 1M-row table costs more than the rest of the
+    step), and validation on a fixed subset of 5,000 users.
     """
-    nlist = int(min(max(16, 4 * math.isqrt(n_items)), 65536, n_items // 39 or 1))
+    nlist = int(min(max(16, math.isqrt(n_items)), n_items // 39 or 1))
     overrides = [
         "name=synthetic-"
         + (f"{n_items // 1_000_000}M" if n_items % 1_000_000 == 0 else str(n_items)),
@@ -278,8 +287,10 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
     if n_items >= 100_000:
         overrides += [
             "sampler.name=ann",
+            "sampler.query=sequence",
+            "sampler.tail_samples=256",
             f"sampler.index.nlist={nlist}",
-            f"sampler.index.nprobe={max(1, min(32, nlist))}",
+            f"sampler.index.nprobe={max(1, min(16, nlist))}",
             "model.sparse_embeddings=true",
             "train.eval_users=5000",
             "train.epochs=3",
