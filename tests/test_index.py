@@ -1,0 +1,482 @@
+"""ItemIndex against the exact reference: exactness at nprobe == nlist, monotone recall, refresh
+invariance, -1 padding, true inner-product scores, validation messages, state round trips."""
+
+from __future__ import annotations
+
+import ast
+import io
+import logging
+import threading
+from pathlib import Path
+
+import faiss
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import annsample.index as index_module
+from annsample.errors import ItemIndexError
+from annsample.index import ItemIndex, exact_topk, recall_at_k
+
+D_MODEL = 16
+
+
+def gaussian_mixture(
+    n: int, d: int = D_MODEL, clusters: int = 32, seed: int = 0, spread: float = 0.35
+) -> torch.Tensor:
+    """(n, d) float32 rows around `clusters` random centres: IVF-shaped data, unlike uniform noise."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, d, generator=g)
+    members = torch.randint(0, clusters, (n,), generator=g)
+    return centres[members] + spread * torch.randn(n, d, generator=g)
+
+
+def hub_norms(n: int, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Popularity-like embeddings: 2% 'hub' items have 5x the norm of the rest. Returns (xb, xq)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(40, d, generator=g), dim=1)
+
+    def directions(m: int) -> torch.Tensor:
+        noisy = (
+            centres[torch.randint(0, 40, (m,), generator=g)]
+            + 1.5 * torch.randn(m, d, generator=g) / d**0.5
+        )
+        return torch.nn.functional.normalize(noisy, dim=1)
+
+    hub = torch.rand(n, 1, generator=g) < 0.02
+    norms = torch.where(hub, 5.0, 1.0) * torch.exp(0.1 * torch.randn(n, 1, generator=g))
+    return directions(n) * norms, directions(300)
+
+
+@pytest.fixture(scope="module")
+def mixture() -> torch.Tensor:
+    return gaussian_mixture(4000)
+
+
+@pytest.fixture(scope="module")
+def queries() -> torch.Tensor:
+    return gaussian_mixture(200, seed=1)
+
+
+def faiss_index(metric: str = "ip", nlist: int = 32, nprobe: int = 4, **kwargs) -> ItemIndex:
+    return ItemIndex(D_MODEL, nlist=nlist, nprobe=nprobe, backend="faiss", metric=metric, **kwargs)
+
+
+# ----------------------------------------------------------------------------- exact reference
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 300),
+    nq=st.integers(1, 20),
+    k_fraction=st.floats(0.0, 1.0),
+    chunk_size=st.integers(1, 64),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_topk_matches_brute_force(n, nq, k_fraction, chunk_size, seed):
+    g = torch.Generator().manual_seed(seed)
+    xb, xq = torch.randn(n, 8, generator=g), torch.randn(nq, 8, generator=g)
+    k = max(1, round(k_fraction * n))
+    D, I = exact_topk(xq, xb, k, chunk_size=chunk_size)
+    D_ref, _ = (xq @ xb.T).topk(k, dim=1)
+    assert D.shape == I.shape == (nq, k) and I.dtype == torch.int64
+    torch.testing.assert_close(D, D_ref)
+    # The ids score what D says (ties may swap ids, never scores).
+    torch.testing.assert_close((xq[:, None, :] * xb[I]).sum(-1), D)
+    assert all(len(set(row.tolist())) == k for row in I)
+
+
+def test_exact_topk_blocks_queries_without_changing_results(monkeypatch):
+    xb, xq = gaussian_mixture(500), gaussian_mixture(300, seed=3)
+    D_ref, I_ref = exact_topk(xq, xb, 7)
+    monkeypatch.setattr(index_module, "_BLOCK_ELEMENTS", 64)  # forces many query blocks
+    D, I = exact_topk(xq, xb, 7, chunk_size=50)
+    torch.testing.assert_close(D, D_ref)
+    assert torch.equal(I, I_ref)
+
+
+def test_recall_at_k_hand_computed():
+    exact = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    approx = torch.tensor([[4, 9, 1, -1], [-1, -1, -1, -1]])
+    assert recall_at_k(approx, exact) == pytest.approx((2 / 4 + 0 / 4) / 2)
+    assert recall_at_k(exact, exact) == 1.0
+    # -1 in the exact result shrinks that row's denominator instead of counting as a hit.
+    assert recall_at_k(torch.tensor([[3, -1]]), torch.tensor([[3, -1]])) == 1.0
+
+
+# ----------------------------------------------------------------------------- IVF behaviour
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2_augmented", "cosine"])
+def test_nprobe_equal_nlist_is_exact(metric, mixture, queries):
+    index = faiss_index(metric, nlist=32, nprobe=32).build(mixture)
+    D, I = index.search(queries, 10)
+    if metric == "cosine":
+        scores = queries @ torch.nn.functional.normalize(mixture, dim=1).T
+        I_ref = scores.topk(10, dim=1).indices
+        assert recall_at_k(I, I_ref) == 1.0
+    else:
+        D_ref, I_ref = exact_topk(queries, mixture, 10)
+        assert torch.equal(I, I_ref)
+        torch.testing.assert_close(D, D_ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2_augmented", "cosine"])
+def test_scores_are_true_inner_products_sorted_descending(metric, queries):
+    # Widely varying norms, where cosine and augmented scores would differ from xq · x.
+    xb = gaussian_mixture(3000) * torch.linspace(0.1, 5, 3000)[:, None]
+    index = faiss_index(metric, nprobe=8).build(xb)
+    D, I = index.search(queries, 20)
+    assert (I >= 0).all()
+    torch.testing.assert_close(D, (queries[:, None, :] * xb[I]).sum(-1), rtol=1e-4, atol=1e-3)
+    assert (D[:, :-1] >= D[:, 1:]).all()
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2_augmented"])
+def test_recall_never_drops_as_nprobe_grows(metric, mixture, queries):
+    _, I_exact = exact_topk(queries, mixture, 20)
+    index = faiss_index(metric, nlist=32).build(mixture)
+    recalls = []
+    for nprobe in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
+        index.nprobe = nprobe
+        recalls.append(recall_at_k(index.search(queries, 20)[1], I_exact))
+    assert recalls == sorted(recalls), recalls
+    assert recalls[0] < 0.9 and recalls[-1] == 1.0  # the sweep spans something
+
+
+def test_l2_augmented_beats_plain_ip_when_a_few_items_have_large_norms():
+    # Plain IVF-IP assigns and probes by direction, so hub items a query should reach through
+    # their norm sit in lists it never probes. The MIPS -> L2 augmentation puts them in their own
+    # lists. (With log-normal norms and tight direction clusters plain ip can win instead, which is
+    # why the benchmark reports recall for the metric in use.)
+    xb, xq = hub_norms(10000)
+    _, I_exact = exact_topk(xq, xb, 20)
+    recall = {}
+    for metric in ("ip", "l2_augmented"):
+        index = ItemIndex(32, nlist=64, nprobe=8, backend="faiss", metric=metric).build(xb)
+        recall[metric] = recall_at_k(index.search(xq, 20)[1], I_exact)
+    assert recall["l2_augmented"] >= recall["ip"], recall
+
+
+def test_re_add_with_unchanged_embeddings_reproduces_search_exactly(mixture, queries):
+    index = faiss_index(nprobe=3).build(mixture, step=5)
+    D0, I0 = index.search(queries, 15)
+    centroids = index.centroids
+    index.re_add(mixture, step=9)
+    D1, I1 = index.search(queries, 15)
+    assert index.version == 9 and index.ntotal == mixture.shape[0]
+    assert torch.equal(index.centroids, centroids)
+    assert torch.equal(I0, I1) and torch.equal(D0, D1)
+    # A fresh index given the same centroids and the same embeddings answers identically.
+    fresh = faiss_index(nprobe=3)
+    fresh.load_state_dict(index.state_dict(with_vectors=False))
+    assert fresh.ntotal == 0
+    fresh.re_add(mixture, step=9)
+    D2, I2 = fresh.search(queries, 15)
+    assert torch.equal(I0, I2) and torch.equal(D0, D2)
+
+
+def test_re_add_follows_moved_embeddings(mixture, queries):
+    index = faiss_index(nprobe=32).build(mixture)
+    moved = mixture.flip(0)  # same vectors, different items
+    index.re_add(moved, step=1)
+    assert torch.equal(index.search(queries, 5)[1], exact_topk(queries, moved, 5)[1])
+
+
+def test_retrain_changes_centroids_and_keeps_recall(mixture, queries):
+    index = faiss_index(nprobe=4).build(mixture)
+    _, I_exact = exact_topk(queries, mixture, 20)
+    recall_built = recall_at_k(index.search(queries, 20)[1], I_exact)
+    centroids = index.centroids
+    g = torch.Generator().manual_seed(7)
+    moved = mixture + 0.3 * torch.randn(mixture.shape, generator=g)
+    _, I_moved = exact_topk(queries, moved, 20)
+    index.retrain(moved, step=100)
+    assert index.version == 100
+    assert not torch.allclose(index.centroids, centroids)
+    recall_retrained = recall_at_k(index.search(queries, 20)[1], I_moved)
+    assert recall_retrained >= recall_built - 0.05, (recall_built, recall_retrained)
+
+
+def test_build_is_deterministic_under_a_seed(mixture):
+    a = faiss_index(seed=3, max_train_points=1000).build(mixture).centroids
+    b = faiss_index(seed=3, max_train_points=1000).build(mixture).centroids
+    c = faiss_index(seed=4, max_train_points=1000).build(mixture).centroids
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_short_lists_pad_with_minus_one_and_minus_inf():
+    xb = gaussian_mixture(40, clusters=8, spread=0.05)
+    index = ItemIndex(D_MODEL, nlist=8, nprobe=1, backend="faiss").build(
+        xb, ids=torch.arange(100, 140)
+    )
+    D, I = index.search(xb[:5], 30)  # one list of ~5 items cannot fill k=30
+    missing = I == -1
+    assert missing.any()
+    assert torch.equal(torch.isinf(D) & (D < 0), missing)
+    # Missing results trail the real ones, and real ones are the caller's ids.
+    assert torch.equal(missing, missing.cummax(dim=1).values)
+    assert ((I[~missing] >= 100) & (I[~missing] < 140)).all()
+
+
+def test_custom_ids_are_returned(mixture, queries):
+    ids = torch.randperm(mixture.shape[0], generator=torch.Generator().manual_seed(0)) * 3 + 11
+    index = faiss_index(nprobe=32).build(mixture, ids=ids)
+    _, I_ref = exact_topk(queries, mixture, 5)
+    assert torch.equal(index.search(queries, 5)[1], ids[I_ref])
+
+
+def test_exact_backend_matches_reference(mixture, queries):
+    index = ItemIndex(D_MODEL, backend="exact").build(mixture, step=2)
+    assert index.backend == "exact" and index.centroids is None
+    D, I = index.search(queries, 10)
+    D_ref, I_ref = exact_topk(queries, mixture, 10)
+    assert torch.equal(I, I_ref)
+    torch.testing.assert_close(D, D_ref)
+    # It keeps a copy: training may update the caller's table in place.
+    table = mixture.clone()
+    index.build(table)
+    table.mul_(-1)
+    assert torch.equal(index.search(queries, 10)[1], I_ref)
+
+
+def test_auto_backend_resolves_to_faiss_on_cpu(mixture):
+    index = ItemIndex(D_MODEL, nlist=16, nprobe=4, backend="auto")
+    assert index.backend == "auto"
+    index.build(mixture)
+    assert index.backend == "faiss"
+
+
+def test_concurrent_searches_agree_with_sequential(mixture, queries):
+    index = faiss_index(nprobe=6).build(mixture)
+    expected = index.search(queries, 10)
+    results, errors = [], []
+
+    def search_many():
+        try:
+            for _ in range(5):
+                results.append(index.search(queries, 10))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=search_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(results) == 20
+    for D, I in results:
+        assert torch.equal(I, expected[1]) and torch.equal(D, expected[0])
+
+
+def test_small_training_set_warns_once(caplog, monkeypatch):
+    monkeypatch.setattr(index_module, "_warned_small_training_sets", set())
+    xb = gaussian_mixture(300)
+    with caplog.at_level(logging.WARNING, logger="annsample.index"):
+        index = faiss_index(nlist=16).build(xb)
+        index.retrain(xb, step=1)
+        faiss_index(nlist=16).build(xb)
+    warnings = [r for r in caplog.records if "39 per centroid" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+def test_max_train_points_subsamples(mixture, caplog):
+    # 40 points per centroid: enough for FAISS's advice, a tenth of the data.
+    with caplog.at_level(logging.WARNING, logger="annsample.index"):
+        index = faiss_index(nlist=10, max_train_points=400, nprobe=10).build(mixture)
+    assert not caplog.records
+    assert index.ntotal == mixture.shape[0]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2_augmented", "cosine"])
+def test_state_dict_round_trip_gives_identical_results(metric, mixture, queries):
+    index = faiss_index(metric, nprobe=5).build(
+        mixture, ids=torch.arange(mixture.shape[0]) + 1, step=42
+    )
+    buffer = io.BytesIO()
+    torch.save(index.state_dict(), buffer)  # plain tensors and values: no FAISS objects pickled
+    buffer.seek(0)
+    restored = ItemIndex.from_state_dict(torch.load(buffer, weights_only=True))
+    assert restored.version == 42 and restored.nprobe == 5 and restored.metric == metric
+    assert torch.equal(restored.centroids, index.centroids)
+    D0, I0 = index.search(queries, 12)
+    D1, I1 = restored.search(queries, 12)
+    assert torch.equal(I0, I1) and torch.equal(D0, D1)
+
+
+def test_state_dict_of_exact_backend_round_trips(mixture, queries):
+    index = ItemIndex(D_MODEL, backend="exact", metric="cosine").build(mixture, step=3)
+    restored = ItemIndex.from_state_dict(index.state_dict())
+    assert restored.backend == "exact" and restored.version == 3
+    assert torch.equal(restored.search(queries, 8)[1], index.search(queries, 8)[1])
+
+
+def test_load_state_dict_rejects_mismatched_settings(mixture):
+    state = faiss_index(nlist=32).build(mixture).state_dict(with_vectors=False)
+    with pytest.raises(ItemIndexError, match=r"nlist=32 but this index has nlist=16"):
+        faiss_index(nlist=16).load_state_dict(state)
+    with pytest.raises(ItemIndexError, match="not an ItemIndex state_dict"):
+        faiss_index().load_state_dict({"weights": 1})
+    exact_state = ItemIndex(D_MODEL, nlist=32, backend="exact").build(mixture).state_dict()
+    with pytest.raises(ItemIndexError, match="has no centroids"):
+        faiss_index().load_state_dict(exact_state)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dim": 0}, "dim=0 must be positive"),
+        ({"nlist": 0}, "nlist=0 must be positive"),
+        ({"nlist": 8, "nprobe": 9}, r"nprobe=9 must be between 1 and nlist=8"),
+        ({"nprobe": 0}, "nprobe=0"),
+        (
+            {"backend": "annoy"},
+            "unknown backend 'annoy'; choose one of auto, faiss, faiss-gpu, exact",
+        ),
+        ({"metric": "l2"}, "unknown metric 'l2'; choose one of ip, l2_augmented, cosine"),
+        ({"kmeans_iters": -1}, "kmeans_iters=-1 must be >= 0"),
+        ({"nlist": 64, "max_train_points": 10}, "max_train_points=10 is below nlist=64"),
+        ({"nlist": 2.5}, "nlist must be an integer"),
+    ],
+)
+def test_constructor_rejects_bad_settings(kwargs, message):
+    settings_ = {"dim": D_MODEL, **kwargs}
+    with pytest.raises(ItemIndexError, match=message):
+        ItemIndex(**settings_)
+
+
+def test_nprobe_setter_validates(mixture):
+    index = faiss_index(nlist=16)
+    with pytest.raises(ItemIndexError, match=r"nprobe=17 must be between 1 and nlist=16"):
+        index.nprobe = 17
+
+
+@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="this machine has a GPU: see the GPU test")
+def test_faiss_gpu_without_a_gpu_is_a_clear_error():
+    with pytest.raises(
+        ItemIndexError, match=r"backend 'faiss-gpu' was requested but .* sees no GPU"
+    ):
+        ItemIndex(D_MODEL, backend="faiss-gpu")
+
+
+@pytest.mark.skipif(
+    faiss.get_num_gpus() == 0 or not torch.cuda.is_available(),
+    reason="needs faiss-gpu and CUDA; test_faiss_gpu_without_a_gpu_is_a_clear_error covers CPU",
+)
+def test_faiss_gpu_matches_exact_at_full_nprobe(mixture, queries):
+    index = ItemIndex(D_MODEL, nlist=16, nprobe=16, backend="auto").build(mixture.cuda())
+    assert index.backend == "faiss-gpu"
+    D, I = index.search(queries.cuda(), 10)
+    assert I.is_cuda
+    assert torch.equal(I.cpu(), exact_topk(queries, mixture, 10)[1])
+    with pytest.raises(ItemIndexError, match="FAISS GPU's limit of 2048"):
+        index.search(queries.cuda(), 2049)
+
+
+def _with_bad_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[3, 0] = float("nan")
+    x[7, 1] = float("inf")
+    return x
+
+
+@pytest.mark.parametrize(
+    ("make_xb", "message"),
+    [
+        (
+            lambda x: x.numpy(),
+            r"xb must be a torch.Tensor, got ndarray; wrap it with torch.from_numpy",
+        ),
+        (lambda x: x[0], r"xb must be 2-D \(rows, d\), got shape \(16,\)"),
+        (
+            lambda x: x.double(),
+            r"xb must be float32, got torch.float64; convert it with xb.float\(\)",
+        ),
+        (lambda x: x[:, :8], "xb has d=8 columns but the index was created with dim=16"),
+        (_with_bad_rows, r"xb has 2 of 4000 rows with NaN or inf \(first at row 3\)"),
+        (lambda x: x.abs() * 3e37, "overflows float32"),
+        (lambda x: x[:20], r"nlist=32 is larger than the number of items N=20; lower nlist"),
+    ],
+)
+def test_build_rejects_bad_embeddings(make_xb, message, mixture):
+    with pytest.raises(ItemIndexError, match=message):
+        faiss_index().build(make_xb(mixture))
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        (torch.arange(10), r"ids must be a 1-D tensor with one id per row of xb \(4000\)"),
+        (torch.arange(4000, dtype=torch.int32), "ids must be int64, got torch.int32"),
+        (torch.arange(4000) - 1, "ids must be non-negative"),
+        (torch.zeros(4000, dtype=torch.int64), "ids must be unique"),
+    ],
+)
+def test_build_rejects_bad_ids(ids, message, mixture):
+    with pytest.raises(ItemIndexError, match=message):
+        faiss_index().build(mixture, ids=ids)
+
+
+def test_search_and_refresh_validate_their_input(mixture, queries):
+    empty = faiss_index()
+    with pytest.raises(ItemIndexError, match=r"the index is empty: call build\(xb\)"):
+        empty.search(queries, 5)
+    with pytest.raises(ItemIndexError, match=r"re_add needs a built index: call build\(xb\) first"):
+        empty.re_add(mixture, step=1)
+    with pytest.raises(ItemIndexError, match=r"retrain needs a built index"):
+        empty.retrain(mixture, step=1)
+    index = faiss_index().build(mixture)
+    with pytest.raises(
+        ItemIndexError, match=r"k=0 must be between 1 and the number of indexed items ntotal=4000"
+    ):
+        index.search(queries, 0)
+    with pytest.raises(ItemIndexError, match=r"k=4001 must be between 1"):
+        index.search(queries, 4001)
+    with pytest.raises(ItemIndexError, match="k must be an integer"):
+        index.search(queries, 2.0)
+    with pytest.raises(ItemIndexError, match=r"xq has d=15 columns"):
+        index.search(queries[:, :15], 5)
+    with pytest.raises(ItemIndexError, match=r"for a single vector use xq\[None\]"):
+        index.search(queries[0], 5)
+    with pytest.raises(ItemIndexError, match=r"xq has 2 of 200 rows with NaN or inf"):
+        index.search(_with_bad_rows(queries), 5)
+    with pytest.raises(
+        ItemIndexError, match=r"xb has 3999 rows but the index holds 4000 ids; pass ids="
+    ):
+        index.re_add(mixture[1:], step=1)
+    with pytest.raises(ItemIndexError, match="NaN or inf"):
+        index.retrain(_with_bad_rows(mixture), step=1)
+    assert index.version == 0  # failed refreshes leave the index untouched
+
+
+def test_exact_topk_and_recall_validate_input(mixture, queries):
+    with pytest.raises(
+        ItemIndexError, match=r"k=4001 must be between 1 and the number of rows N=4000"
+    ):
+        exact_topk(queries, mixture, 4001)
+    with pytest.raises(ItemIndexError, match="chunk_size=0 must be positive"):
+        exact_topk(queries, mixture, 5, chunk_size=0)
+    with pytest.raises(ItemIndexError, match="I_approx has shape"):
+        recall_at_k(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(ItemIndexError, match="no valid ids"):
+        recall_at_k(torch.zeros(1, 2, dtype=torch.long), torch.full((1, 2), -1))
+
+
+def test_index_never_imports_the_model_or_training():
+    tree = ast.parse(Path(index_module.__file__).read_text())
+    imported = {
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {name for name in imported if name and name.startswith("annsample")} == {
+        "annsample.errors"
+    }
