@@ -75,7 +75,7 @@ def machine() -> dict[str, Any]:
         "faiss_threads": faiss.omp_get_max_threads(),
         "torch": torch.__version__,
         "faiss": faiss.__version__,
-        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -172,6 +172,8 @@ def run_benchmark(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Benchmark every catalog size; returns the JSON-ready report."""
+    # Other work on a shared machine slows every figure: record the load before and after.
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     peak = sgemm_gflops(65536, nlist, dim)
     results = []
     with tqdm(total=5 * len(sizes), desc="bench_refresh", disable=not show_progress) as progress:
@@ -182,7 +184,9 @@ def run_benchmark(
     for record in results:
         record["assign_fraction_of_sgemm_peak"] = record["assign_gflops"] / peak
         record["re_add_bound_seconds"] = record["assign_gflop"] / peak
-    return {"machine": machine(), "sgemm_gflops": peak, "k": k, "results": results}
+    info = machine()
+    info["load_average_before"] = load_before
+    return {"machine": info, "sgemm_gflops": peak, "k": k, "results": results}
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -235,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         show_progress=not args.no_progress,
     )
     m = report["machine"]
-    print(f"{m['cpu']}, {m['cores']} cores; sgemm {report['sgemm_gflops']:.0f} GFLOP/s")
+    print(
+        f"{m['cpu']}, {m['cores']} cores; sgemm {report['sgemm_gflops']:.0f} GFLOP/s; "
+        f"1-min load average before {m['load_average_before'][0]:.2f}, "
+        f"after {m['load_average_after'][0]:.2f}"
+    )
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2))

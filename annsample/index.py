@@ -729,6 +729,8 @@ class ItemIndex:
         if self._resolved == "exact":
             if self.metric == "ip" and not owned:
                 stored = stored.clone()  # it aliases the caller's table, which keeps training
+            if norms is not None:
+                norms = norms.to(stored.device)
             return _Contents(version, n, ids, None, norms, max_norm, xb=stored)
         assert centroids is not None
         assign = nearest_centroid(

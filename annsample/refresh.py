@@ -338,8 +338,14 @@ class IndexRefresher:
     # ----------------------------------------------------------------------------- training side
 
     def build(self, xb: torch.Tensor, step: int = 0, ids: torch.Tensor | None = None) -> ItemIndex:
-        """Build the first index synchronously from (N, d) float32 ``xb`` and publish it."""
+        """Build an index synchronously from (N, d) float32 ``xb`` and publish it.
+
+        For the first index, or a new catalog (``ids``); refreshes still running finish first, so
+        an older refresh can never replace the new build.
+        """
         self._check_open()
+        if self._thread is not None:
+            self.wait()
         start = time.perf_counter()
         index = self._factory()
         index.build(xb, ids=ids, step=step)
