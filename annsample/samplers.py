@@ -485,14 +485,13 @@ class AnnSampler:
     Args:
         index: anything with ``search(xq (Q, d), k) -> (D, I)`` returning item ids (``-1`` = missing),
             e.g. an :class:`annsample.index.ItemIndex`, or an object with ``current()`` returning one.
-        alpha: inverse temperature α; candidates: K; epsilon: uniform mass ε (the floor of it
-            when ``tail_samples`` > 0).
-        tail_samples: 0 keeps ε fixed. With M > 0, M uniform items shared by the batch estimate, per
-            query, the GenNi mass lying outside the candidates, Ẑ_tail = (n_allowed − K) ·
-            mean_u exp(α·h·e_u), and ε becomes max(ε, Ẑ_tail / (Z_C + Ẑ_tail)). The mixture then
-            tracks exact GenNi when its distribution is flat (early training) or the index is
-            stale (its candidates score low), and stays sharp when the candidates hold the mass.
-            ``log_q`` stays exact for the ε actually used.
+        alpha: inverse temperature α; candidates: K; epsilon: uniform mass ε.
+        tail_samples: M > 0 adds the GenNi tail the candidates miss: M uniform items shared by the
+            batch, importance-weighted (n_tail / M each), join every query's candidates. Their
+            softmax share estimates the GenNi mass outside the candidates, so the proposal tracks
+            exact GenNi when its distribution is flat (early training) or the index is stale, and
+            stays on the candidates when they hold the mass. ``log_q`` is then exact given the
+            shared tail draw (as for ``pool``); with M = 0 it is exact outright.
         query: "position" (every position queries the index) or "sequence" (each sequence's last
             hidden state queries once; its candidates serve all its positions, rescored per position).
     """
@@ -558,61 +557,58 @@ class AnnSampler:
         blocked = (candidates < 1) | exclusions.contains(candidates.clamp(min=0))
         return logits.masked_fill(blocked, float("-inf")), candidates
 
-    def _epsilon(
-        self, queries, item_embeddings, exclusions, logits, candidates, generator
-    ) -> torch.Tensor:
-        """(P,) float64 uniform mass per query: fixed, or the estimated tail mass (see class doc)."""
-        P = queries.shape[0]
-        floor = torch.full((P,), self.epsilon, dtype=torch.float64, device=queries.device)
-        if not self.tail_samples:
-            return floor
-        N = item_embeddings.shape[0] - 1
-        tail = torch.randint(
-            1, N + 1, (self.tail_samples,), generator=generator, device=queries.device
-        )
-        tail_logits = self.alpha * (queries @ item_embeddings[tail].T)  # (P, M)
-        tail_ids = tail[None, :].expand(P, -1)
-        # the tail is what the candidates miss: drop excluded items and the usable candidates
-        usable = torch.where(torch.isfinite(logits), candidates, -1).sort(dim=1).values  # (P, K)
-        slot = torch.searchsorted(usable, tail_ids.contiguous()).clamp_(max=usable.shape[1] - 1)
-        in_candidates = usable.gather(1, slot) == tail_ids
-        tail_logits = tail_logits.masked_fill(
-            exclusions.contains(tail_ids) | in_candidates, float("-inf")
-        )
-        n_seen = torch.isfinite(tail_logits).sum(1)
-        n_candidates = torch.isfinite(logits).sum(1)
-        n_tail = (exclusions.n_allowed - n_candidates).clamp(min=0).double()
-        log_tail = torch.logsumexp(tail_logits.double(), 1) - torch.log(
-            n_seen.clamp(min=1).double()
-        )
-        log_tail = log_tail + torch.log(n_tail)
-        log_cand = torch.logsumexp(logits.double(), 1)
-        estimate = torch.sigmoid(log_tail - log_cand).nan_to_num(0.0)
-        estimate = torch.where(n_seen > 0, estimate, 0.0)
-        return torch.maximum(floor, estimate)
+    def _proposal(self, queries, item_embeddings, exclusions, sequence_queries, generator):
+        """Slots (P, K [+ M]) with their logits, and the uniform floor ε.
+
+        With ``tail_samples`` = M, the M shared uniform items that are allowed and not among a
+        query's candidates join its slots with logit α·s_u + log(n_tail / M'), M' of them usable:
+        their softmax share is then the Monte-Carlo estimate of the GenNi mass outside the
+        candidates, and within the tail they are drawn ∝ exp(α·s_u), as GenNi would.
+        """
+        logits, candidates = self._logits(queries, item_embeddings, exclusions, sequence_queries)
+        if self.tail_samples:
+            P = queries.shape[0]
+            N = item_embeddings.shape[0] - 1
+            tail = torch.randint(
+                1, N + 1, (self.tail_samples,), generator=generator, device=queries.device
+            )
+            tail_ids = tail[None, :].expand(P, -1)
+            usable = torch.where(torch.isfinite(logits), candidates, -1).sort(dim=1).values
+            slot = torch.searchsorted(usable, tail_ids.contiguous()).clamp_(max=usable.shape[1] - 1)
+            blocked = (usable.gather(1, slot) == tail_ids) | exclusions.contains(tail_ids)
+            n_seen = (~blocked).sum(1, keepdim=True).clamp(min=1).double()
+            n_candidates = torch.isfinite(logits).sum(1, keepdim=True)
+            n_tail = (exclusions.n_allowed[:, None] - n_candidates).clamp(min=0).double()
+            weight = torch.log(n_tail / n_seen).float()  # -inf when nothing is left outside
+            tail_logits = self.alpha * (queries @ item_embeddings[tail].T) + weight  # (P, M)
+            logits = torch.cat([logits, tail_logits.masked_fill(blocked, float("-inf"))], dim=1)
+            candidates = torch.cat([candidates, tail_ids], dim=1)
+        return logits, candidates, self.epsilon
 
     def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
         exclusions.check_nonempty()
-        logits, candidates = self._logits(queries, item_embeddings, exclusions, sequence_queries)
-        eps = self._epsilon(queries, item_embeddings, exclusions, logits, candidates, generator)
-        return _draw_from_candidates(logits, candidates, exclusions, k, generator, eps)
+        logits, slots, eps = self._proposal(
+            queries, item_embeddings, exclusions, sequence_queries, generator
+        )
+        return _draw_from_candidates(logits, slots, exclusions, k, generator, eps)
 
     def probabilities(
         self, queries, item_embeddings, exclusions, sequence_queries=None, generator=None
     ) -> torch.Tensor:
-        """(P, N+1) exact proposal probabilities of the ε-mixture (small catalogs only).
+        """(P, N+1) exact proposal probabilities (small catalogs only).
 
-        With ``tail_samples`` the ε depends on the tail draw: a generator in the same state as
-        the one given to :meth:`sample` gives the same ε.
+        With ``tail_samples`` they are conditional on the tail draw: a generator in the same
+        state as the one given to :meth:`sample` gives the same tail.
         """
-        logits, candidates = self._logits(queries, item_embeddings, exclusions, sequence_queries)
         generator = generator or torch.Generator(device=queries.device).manual_seed(0)
-        eps = self._epsilon(queries, item_embeddings, exclusions, logits, candidates, generator)
+        logits, slots, eps = self._proposal(
+            queries, item_embeddings, exclusions, sequence_queries, generator
+        )
         has_candidate = torch.isfinite(logits).any(dim=1)
-        eps = torch.where(has_candidate, eps, 1.0)
-        p_cand = torch.softmax(torch.where(has_candidate[:, None], logits, 0.0).double(), dim=1)
-        p_cand = p_cand.masked_fill(~torch.isfinite(logits), 0.0)
+        eps = torch.where(has_candidate, eps, 1.0).double()
+        p_slot = torch.softmax(torch.where(has_candidate[:, None], logits, 0.0).double(), dim=1)
+        p_slot = p_slot.masked_fill(~torch.isfinite(logits), 0.0)
         allowed = (~exclusions.dense_mask()).double()
         probs = eps[:, None] * allowed / allowed.sum(1, keepdim=True)
-        probs.scatter_add_(1, candidates.clamp(min=0), (1.0 - eps[:, None]) * p_cand)
+        probs.scatter_add_(1, slots.clamp(min=0), (1.0 - eps[:, None]) * p_slot)
         return probs.float()
