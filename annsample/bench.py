@@ -161,7 +161,14 @@ def bench_samplers(
             lambda s=sampler, g=generator: s.sample(h, items, exclusions, 1, g), repeats
         )
         ms_per_256 = ms * 256.0 / len(users)
-        if hasattr(sampler, "probabilities"):
+        if isinstance(sampler, AnnSampler) and sampler.tail_samples:
+            # log q is exact given the shared tail draw; TV is of the marginal over tail draws
+            q = sampler.marginal_probabilities(
+                h[probe], items, probe_ex, h[probe], draws=64
+            ).double()
+            tv = float(0.5 * (q - exact_p).abs().sum(1).mean())
+            method = "closed_form_mean_of_64_tail_draws"
+        elif hasattr(sampler, "probabilities"):
             q = sampler.probabilities(h[probe], items, probe_ex).double()
             tv = float(0.5 * (q - exact_p).abs().sum(1).mean())
             method = "closed_form"

@@ -58,7 +58,7 @@ def bench_stall(
         "train.eval_users=200",
         "train.show_progress=false",
         f"sampler.index.refresh_every={refresh_every}",
-        "sampler.index.probe_every=0",
+        "sampler.index.probe_every=1000000000",  # no probes: they would count as refresh cost
     )
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="annsample-stall-"))
     records = []

@@ -612,3 +612,18 @@ class AnnSampler:
         probs = eps[:, None] * allowed / allowed.sum(1, keepdim=True)
         probs.scatter_add_(1, slots.clamp(min=0), (1.0 - eps[:, None]) * p_slot)
         return probs.float()
+
+    def marginal_probabilities(
+        self, queries, item_embeddings, exclusions, sequence_queries=None, draws=64, seed=0
+    ) -> torch.Tensor:
+        """(P, N+1) proposal averaged over ``draws`` tail draws (the marginal the sampler draws
+        from, up to Monte-Carlo error); equal to :meth:`probabilities` without a tail."""
+        if not self.tail_samples:
+            return self.probabilities(queries, item_embeddings, exclusions, sequence_queries)
+        generator = torch.Generator(device=queries.device).manual_seed(seed)
+        total = torch.zeros(queries.shape[0], item_embeddings.shape[0], dtype=torch.float64)
+        for _ in range(draws):
+            total += self.probabilities(
+                queries, item_embeddings, exclusions, sequence_queries, generator
+            ).double()
+        return (total / draws).float()

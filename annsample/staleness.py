@@ -51,7 +51,9 @@ def measure_staleness(
         stats["index/drift"] = embedding_drift(xb, built_embeddings)
     if xq.shape[0] * item_embeddings.shape[0] <= max_dense:
         # each probe is one sequence's last state, so both query modes see the same candidates
-        q = sampler.probabilities(xq, item_embeddings, exclusions, sequence_queries=xq).double()
+        q = sampler.marginal_probabilities(
+            xq, item_embeddings, exclusions, sequence_queries=xq, draws=16
+        ).double()
         p = genni_log_probs(xq, item_embeddings, exclusions, sampler.alpha).exp()
         stats["sampler/tv_to_exact"] = float(0.5 * (q - p).abs().sum(1).mean())
         # hardness: expected share of allowed items scoring below a drawn negative
