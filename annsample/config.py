@@ -53,12 +53,12 @@ class IndexConfig:
     nprobe: int = 16
     refresh: str = "steps"  # "steps", "epoch", "never", "adaptive"
     refresh_every: int = 100  # steps between refreshes for refresh == "steps"
-    retrain_every: int = 0  # every M-th refresh re-runs k-means (0 = never)
+    retrain_every: int = 10  # every M-th refresh re-runs k-means, warm-started (0 = never)
     asynchronous: bool = False
     drift_threshold: float = 0.05  # adaptive schedule
     recall_threshold: float = 0.0  # adaptive schedule (0 = not used)
     check_every: int = 50  # adaptive schedule: steps between staleness checks
-    probe_every: int = 0  # measure staleness every n steps (0 = only just before each refresh)
+    probe_every: int = 100  # measure staleness every n steps (0 = just before every refresh)
     probe_queries: int = 64  # validation users whose hidden states probe the index
 
 
@@ -188,6 +188,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         float: is_number,
         str: isinstance(value, str),
     }.get(tp, False)
+    if isinstance(value, dict):
+        keys = ", ".join(map(str, value))
+        raise ConfigError(f"{where}: is a {_type_name(tp)}, not a section (got keys: {keys})")
     if not ok:
         raise ConfigError(
             f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}"
@@ -208,7 +211,7 @@ def _build(cls: type, raw: Any, where: str, prefix: str) -> Any:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{where}: section '{prefix or 'top level'}' must be a mapping, got {type(raw).__name__}"
+            f"{where}: section '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {type(raw).__name__}"
         )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}

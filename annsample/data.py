@@ -492,6 +492,8 @@ def pad_rows(indptr: np.ndarray, items: np.ndarray, rows: np.ndarray, fill: int)
 def _read_text(path: str | Path) -> str:
     """Read a UTF-8 text file, turning every failure into a DataError that names the file."""
     path = Path(path)
+    if "\x00" in str(path):
+        raise DataError(f"{str(path)!r}: a path cannot contain a NUL byte; check the file name")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a dataset file; pass the file inside it")
     try:

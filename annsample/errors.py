@@ -26,3 +26,11 @@ class ItemIndexError(AnnsampleError, ValueError):
 
 class RunError(AnnsampleError):
     """A run folder is missing, incomplete, or would be overwritten."""
+
+
+class CheckpointError(RunError):
+    """A checkpoint cannot be resumed: none is readable, or it belongs to another config or catalog."""
+
+
+class NumericalError(AnnsampleError, ArithmeticError):
+    """Training produced NaN or inf (loss, gradients or embeddings); the last good checkpoint is kept."""

@@ -18,7 +18,23 @@ def read_results(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise RunError(f"{run_dir} has no results.json; it is not a finished training run")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise RunError(
+            f"{path} is not valid JSON ({error}); re-run `annsample evaluate` or the training"
+        ) from None
+    if not isinstance(results, dict):
+        raise RunError(f"{path} holds no JSON object; it was not written by `annsample train`")
+    if not isinstance(results, dict):
+        raise RunError(f"{path} holds no JSON object; it was not written by `annsample train`")
+    keys = ("name", "test", "valid", "best_epoch", "epochs_run", "seconds_per_epoch")
+    missing = [key for key in keys if key not in results]
+    if missing:
+        raise RunError(
+            f"{path} lacks {', '.join(missing)}; it was not written by `annsample train`"
+        )
+    return results
 
 
 def _cell(values: list[float]) -> str:

@@ -8,12 +8,15 @@ checkpoint, and evaluate the test split once at the end with it. Every record go
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import random
+import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,9 +25,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from annsample import checkpoint as checkpoint_mod
 from annsample import data as data_mod
-from annsample.config import RunConfig, dump_config
-from annsample.errors import RunError
+from annsample.config import RunConfig, config_to_dict, dump_config
+from annsample.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    NumericalError,
+    RunError,
+    SamplerError,
+)
 from annsample.evaluate import evaluate_ranking
 from annsample.losses import bce_loss, full_ce_loss, gbce_loss, sampled_softmax_loss
 from annsample.model import SASRec, count_parameters
@@ -51,36 +62,72 @@ def resolve_device(name: str) -> torch.device:
 
 
 def default_run_dir(config: RunConfig) -> Path:
-    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{config.name}"
+    """``runs/<date>-<name>``, with characters a folder name cannot hold replaced by ``_``."""
+    name = re.sub(r"[^\w.+-]", "_", config.name).lstrip(".") or "run"
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
+
+
+def check_run_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a run folder that is a file, or non-empty without ``overwrite``; touches nothing."""
+    out = Path(out_dir)
+    if "\0" in str(out):
+        raise RunError(f"run folder {str(out)!r} contains a NUL byte; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run folder {out} exists and is not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        resumable = (
+            " (or --resume it: it has checkpoints)" if checkpoint_mod.list_checkpoints(out) else ""
+        )
+        raise RunError(
+            f"run folder {out} already exists and is not empty; choose another --out, or pass "
+            f"--overwrite to replace it{resumable}"
+        )
+    return out
 
 
 def prepare_run_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
     """Create the run folder; refuse to reuse a non-empty one unless ``overwrite``."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"run folder {out} exists and is not a folder; choose another --out")
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunError(
-                f"run folder {out} already exists and is not empty; choose another --out, or pass "
-                "--overwrite to replace it"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_run_dir(out_dir, overwrite)
+    try:
+        if out.exists() and any(out.iterdir()):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(
+            f"cannot create run folder {out} ({error.strerror or error}); choose a writable --out"
+        ) from None
     return out
 
 
 class MetricsLog:
-    """Step-keyed JSONL records with namespaced keys (``train/loss``, ``eval/valid/ndcg@10``)."""
+    """Step-keyed JSONL records with namespaced keys (``train/loss``, ``eval/valid/ndcg@10``).
 
-    def __init__(self, path: Path) -> None:
+    ``resume_at`` (a byte offset from :meth:`sync`) drops every record written after it, so a
+    resumed run's log reads as the uninterrupted run's.
+    """
+
+    def __init__(self, path: Path, resume_at: int | None = None) -> None:
         self.path = path
+        if resume_at is not None:
+            size = path.stat().st_size if path.is_file() else 0
+            if size < resume_at:
+                raise CheckpointError(
+                    f"{path} holds {size} bytes but held {resume_at} when the checkpoint was "
+                    "written, so records are missing; restore it, or start a new run"
+                )
+            os.truncate(path, resume_at)
         self._file = path.open("a", encoding="utf-8")
 
     def write(self, step: int, **values: Any) -> None:
         record = {"step": step, "time": round(time.time(), 3), **values}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+
+    def sync(self) -> int:
+        """Flush to disk (before a checkpoint refers to it); returns the log's size in bytes."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self._file.tell()
 
     def close(self) -> None:
         self._file.close()
@@ -105,6 +152,8 @@ class Prepared:
 
 def prepare_data(config: RunConfig) -> Prepared:
     """Load the dataset named by the config and build the leave-one-out tensors."""
+    if "\0" in config.data.path:
+        raise DataError(f"data.path {config.data.path!r} contains a NUL byte; fix the path")
     if config.data.path == "synthetic":
         from annsample.synthetic import synthetic_dataset
 
@@ -190,6 +239,12 @@ def make_refresh_schedule(config: RunConfig):
         return make_schedule("epoch", retrain_every=ic.retrain_every)
     if ic.refresh == "never":
         return make_schedule("never")
+    if not ic.drift_threshold and not ic.recall_threshold:
+        raise ConfigError(
+            "sampler.index.refresh=adaptive needs sampler.index.drift_threshold > 0 or "
+            "sampler.index.recall_threshold > 0 (or both); with neither it never refreshes: use "
+            "sampler.index.refresh=never for that"
+        )
     return make_schedule(
         "adaptive",
         drift_threshold=ic.drift_threshold or None,
@@ -197,6 +252,27 @@ def make_refresh_schedule(config: RunConfig):
         check_every=ic.check_every,
         retrain_every=ic.retrain_every,
     )
+
+
+def check_sampler_fits(config: RunConfig, prepared: Prepared) -> None:
+    """Refuse, before any file is written, sampler settings the catalog cannot satisfy."""
+    s, n_items = config.sampler, prepared.n_items
+    if config.loss.name == "full_ce":
+        return
+    if s.name == "ann" and s.candidates > n_items:
+        raise ConfigError(
+            f"sampler.candidates={s.candidates} is more than the catalog's {n_items} items; "
+            f"lower it to at most {n_items} (a few hundred is typical)"
+        )
+    if s.exclude_history:
+        seen = np.diff(prepared.history_indptr)[prepared.train_users]  # distinct items per user
+        full = int((seen >= n_items).sum())
+        if full:
+            raise SamplerError(
+                f"{full} user(s) have interacted with all {n_items} items, so no negative can be "
+                "drawn for them; drop those users from the dataset or set "
+                "sampler.exclude_history=false"
+            )
 
 
 def seed_everything(seed: int) -> None:
@@ -266,14 +342,48 @@ def _optimizers(model: SASRec, config: RunConfig) -> list[torch.optim.Optimizer]
     return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)]
 
 
-def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> dict[str, Any]:
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint holds besides weights, optimisers and RNGs."""
+
+    step: int = 0
+    next_epoch: int = 1  # the epoch to run (or to finish, when next_batch > 0)
+    next_batch: int = 0  # batches of next_epoch already trained
+    epoch_loss_sum: float = 0.0  # sum of train/loss over those batches
+    epoch_elapsed: float = 0.0  # seconds spent on those batches
+    best_ndcg: float = -1.0
+    best_epoch: int = 0
+    bad_evals: int = 0
+    stopped: bool = False  # early stopping fired
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_digest: str = ""  # checkpoint.state_digest of the weights in best.pt
+
+
+def train(
+    config: RunConfig, out_dir: str | Path, overwrite: bool = False, resume: bool = False
+) -> dict[str, Any]:
     """Train, early-stop on validation NDCG@10, test the best checkpoint once; returns results.
 
     Writes into ``out_dir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``best.pt``,
-    ``results.json``.
+    ``results.json``, and while training runs full-state checkpoints in ``checkpoints/`` every
+    ``train.checkpoint_every`` steps and at every epoch end (the newest ``train.keep_checkpoints``
+    are kept; the folder is removed once the run finishes). Nothing is created or replaced until
+    the data, model and index are set up, so bad input leaves the file system as it was.
+
+    NaN or inf in the hidden states, the loss or the gradients stops training before the update
+    with a :class:`NumericalError` naming the step and the last good checkpoint.
+
+    With ``resume``, ``out_dir`` is an interrupted run folder: training continues from its newest
+    readable checkpoint, which must match ``config`` and the dataset, and on CPU ends with the same
+    weights, metrics records and results as the uninterrupted run.
     """
-    out = prepare_run_dir(out_dir, overwrite)
-    dump_config(config, out / "config.yaml")
+    out = Path(out_dir)
+    checkpoint: dict[str, Any] | None = None
+    if resume:
+        checkpoint_path, checkpoint, corrupt = _resume_point(out)
+        changed = checkpoint_mod.check_config(checkpoint, config_to_dict(config), checkpoint_path)
+    else:
+        check_run_dir(out, overwrite)
     tc = config.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
@@ -281,6 +391,10 @@ def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> di
     seed_everything(config.seed)
     prepared = prepare_data(config)
     split = prepared.split
+    check_sampler_fits(config, prepared)
+    catalog = checkpoint_mod.catalog_summary(split)
+    if checkpoint is not None:
+        checkpoint_mod.check_catalog(checkpoint, catalog, checkpoint_path, config.data.path)
     logger.info(
         "data: %d users (%d dropped), %d items, %d training sequences",
         split.n_users,
@@ -294,38 +408,97 @@ def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> di
     optimizers = _optimizers(model, config)
     sampler_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     order_generator = torch.Generator().manual_seed(config.seed + 2)
+    generators = {"sampler": sampler_generator, "order": order_generator}
 
-    refresher = schedule = None
+    refresher = schedule = monitor = None
     if config.loss.name != "full_ce" and config.sampler.name == "ann":
         refresher = make_index_refresher(config, config.model.hidden_size)
         schedule = make_refresh_schedule(config)
-        item_ids = torch.arange(1, split.n_items + 1, device=device)
-        refresher.build(_index_snapshot(model), step=0, ids=item_ids)
-    sampler = build_sampler(config, prepared, refresher) if config.loss.name != "full_ce" else None
-    monitor = (
-        StalenessMonitor(model, prepared, config, sampler, device)
-        if refresher is not None
-        else None
-    )
-    warmup = UniformSampler()
-
-    log = MetricsLog(out / "metrics.jsonl")
-    inputs = torch.as_tensor(prepared.train_inputs)
-    targets = torch.as_tensor(prepared.train_targets)
-    lengths = (inputs > 0).sum(dim=1).clamp(min=1)  # (U',) real input positions per sequence
-    best_ndcg, best_epoch, bad_evals, step = -1.0, 0, 0, 0
-    epoch_seconds: list[float] = []
-    k = config.sampler.num_negatives
     try:
-        for epoch in range(1, tc.epochs + 1):
+        if refresher is not None and checkpoint is None:
+            item_ids = torch.arange(1, split.n_items + 1, device=device)
+            refresher.build(_index_snapshot(model), step=0, ids=item_ids)
+        sampler = (
+            build_sampler(config, prepared, refresher) if config.loss.name != "full_ce" else None
+        )
+        if refresher is not None:
+            monitor = StalenessMonitor(model, prepared, config, sampler, device)
+        progress = Progress()
+        last_checkpoint: Path | None = None
+        if checkpoint is not None:
+            progress = _restore(checkpoint, model, optimizers, generators, refresher, schedule)
+            if monitor is not None and monitor.keep_built:
+                built = checkpoint["index"]["built"]
+                monitor.built = None if built is None else built.to(device)
+            last_checkpoint = checkpoint_path
+
+        # Everything above only reads; the run folder is created or changed from here on.
+        if checkpoint is None:
+            out = prepare_run_dir(out, overwrite)
+            dump_config(config, out / "config.yaml")
+            log = MetricsLog(out / "metrics.jsonl")
+        else:
+            log = MetricsLog(out / "metrics.jsonl", resume_at=checkpoint["metrics_offset"])
+            checkpoint_mod.set_aside(out, corrupt)
+            if changed:
+                logger.info("resuming with changed %s", ", ".join(changed))
+                dump_config(config, out / "config.yaml")
+            logger.info("resuming %s from %s (step %d)", out, checkpoint_path.name, progress.step)
+        del checkpoint  # the restored copies live on; free the loaded tensors
+
+        def save(order_state: torch.Tensor) -> Path:
+            """A full-state checkpoint; ``order_state`` redraws the current epoch's batches."""
+            bad = _nonfinite_parameters(model)
+            if bad:
+                raise NumericalError(
+                    f"training diverged at step {progress.step}: parameters {', '.join(bad)} hold "
+                    "NaN or inf, so they are not checkpointed"
+                )
+            index = None
+            if refresher is not None:
+                index = checkpoint_mod.refresher_state(refresher, schedule)
+                index["built"] = monitor.built
+            state = {
+                "step": progress.step,
+                "config": config_to_dict(config),
+                "catalog": catalog,
+                "progress": dataclasses.asdict(progress),
+                "model": model.state_dict(),
+                "optimizers": [opt.state_dict() for opt in optimizers],
+                "rng": checkpoint_mod.capture_rng(
+                    {"sampler": sampler_generator.get_state(), "order": order_state}
+                ),
+                "index": index,
+                "metrics_offset": log.sync(),
+            }
+            return checkpoint_mod.save_checkpoint(out, state, tc.keep_checkpoints)
+
+        inputs = torch.as_tensor(prepared.train_inputs)
+        targets = torch.as_tensor(prepared.train_targets)
+        lengths = (inputs > 0).sum(dim=1).clamp(min=1)  # (U',) real input positions per sequence
+        step = progress.step
+        k = config.sampler.num_negatives
+        warmup = UniformSampler()
+        for epoch in range(progress.next_epoch, tc.epochs + 1):
+            if progress.stopped:
+                break
             model.train()
             t0 = time.perf_counter()
+            order_state = order_generator.get_state()  # redraws this epoch's batches on resume
             batches = make_batches(lengths, tc.batch_size, tc.bucket_by_length, order_generator)
             if tc.max_steps_per_epoch:
                 batches = batches[: tc.max_steps_per_epoch]
-            total_loss = 0.0
-            bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, disable=not tc.show_progress)
-            for batch in bar:
+            done, total_loss = progress.next_batch, progress.epoch_loss_sum
+            elapsed = progress.epoch_elapsed
+            bar = tqdm(
+                batches[done:],
+                desc=f"epoch {epoch}",
+                leave=False,
+                initial=done,
+                total=len(batches),
+                disable=not tc.show_progress,
+            )
+            for position, batch in enumerate(bar, start=done + 1):
                 width = int(lengths[batch].max())  # trim the all-padding left columns
                 seq = inputs[batch, -width:].to(device)
                 tgt = targets[batch, -width:].to(device)
@@ -343,22 +516,44 @@ def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> di
                     sampler_generator,
                     device,
                 )
+                loss_value = loss.item()
+                if not np.isfinite(loss_value):
+                    raise NumericalError(
+                        f"training diverged at step {step + 1}: the loss is {loss_value} (the "
+                        "update was not applied)"
+                    )
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 loss.backward()
+                bad = _nonfinite_gradients(model)
+                if bad:
+                    raise NumericalError(
+                        f"training diverged at step {step + 1}: the gradients of "
+                        f"{', '.join(bad)} hold NaN or inf (the update was not applied)"
+                    )
                 for opt in optimizers:
                     opt.step()
                 step += 1
-                total_loss += loss.item()
+                total_loss += loss_value
                 if step % tc.log_every == 0:
-                    log.write(step, **{"train/loss": loss.item(), "train/epoch": epoch})
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
+                    log.write(step, **{"train/loss": loss_value, "train/epoch": epoch})
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
                 if refresher is not None:
                     monitor.after_step(refresher, schedule, step, epoch_end=False, log=log)
+                # the epoch-end checkpoint below covers the last batch
+                if (
+                    tc.checkpoint_every
+                    and step % tc.checkpoint_every == 0
+                    and position < len(batches)
+                ):
+                    progress.step, progress.next_epoch, progress.next_batch = step, epoch, position
+                    progress.epoch_loss_sum = total_loss
+                    progress.epoch_elapsed = elapsed + time.perf_counter() - t0
+                    last_checkpoint = save(order_state)
             if refresher is not None:
                 monitor.after_step(refresher, schedule, step, epoch_end=True, log=log)
-            seconds = time.perf_counter() - t0
-            epoch_seconds.append(seconds)
+            seconds = elapsed + time.perf_counter() - t0
+            progress.epoch_seconds.append(seconds)
             mean_loss = total_loss / max(len(batches), 1)
             log.write(
                 step,
@@ -370,50 +565,146 @@ def train(config: RunConfig, out_dir: str | Path, overwrite: bool = False) -> di
             )
             if epoch % tc.eval_every and epoch != tc.epochs:
                 logger.info("epoch %d: loss %.4f (%.1f s)", epoch, mean_loss, seconds)
-                continue
-            valid = evaluate_model(model, prepared, "valid", config, device)
-            log.write(
-                step,
-                **{f"eval/valid/{key}": value for key, value in valid.items()},
-                **{"train/epoch": epoch},
-            )
-            logger.info(
-                "epoch %d: loss %.4f, valid ndcg@10 %.4f hr@10 %.4f (%.1f s)",
-                epoch,
-                mean_loss,
-                valid["ndcg@10"],
-                valid["hr@10"],
-                seconds,
-            )
-            if valid["ndcg@10"] > best_ndcg:
-                best_ndcg, best_epoch, bad_evals = valid["ndcg@10"], epoch, 0
-                torch.save(model.state_dict(), out / "best.pt")
             else:
-                bad_evals += 1
-                if bad_evals >= tc.patience:
-                    logger.info("early stop at epoch %d (best epoch %d)", epoch, best_epoch)
-                    break
+                valid = evaluate_model(model, prepared, "valid", config, device)
+                log.write(
+                    step,
+                    **{f"eval/valid/{key}": value for key, value in valid.items()},
+                    **{"train/epoch": epoch},
+                )
+                logger.info(
+                    "epoch %d: loss %.4f, valid ndcg@10 %.4f hr@10 %.4f (%.1f s)",
+                    epoch,
+                    mean_loss,
+                    valid["ndcg@10"],
+                    valid["hr@10"],
+                    seconds,
+                )
+                if valid["ndcg@10"] > progress.best_ndcg:
+                    progress.best_ndcg, progress.best_epoch = valid["ndcg@10"], epoch
+                    progress.bad_evals = 0
+                    progress.best_digest = _save_best(model, out / "best.pt")
+                else:
+                    progress.bad_evals += 1
+                    if progress.bad_evals >= tc.patience:
+                        logger.info(
+                            "early stop at epoch %d (best epoch %d)", epoch, progress.best_epoch
+                        )
+                        progress.stopped = True
+            progress.step, progress.next_epoch, progress.next_batch = step, epoch + 1, 0
+            progress.epoch_loss_sum = progress.epoch_elapsed = 0.0
+            last_checkpoint = save(order_generator.get_state())
+    except NumericalError as error:
+        kept = (
+            f"the last good checkpoint is {last_checkpoint}"
+            if last_checkpoint is not None
+            else "no checkpoint was written before it"
+        )
+        raise NumericalError(
+            f"{error}; {kept}. The run is deterministic, so resuming repeats this: lower "
+            "train.lr (or check the data) and start a new run"
+        ) from None
     finally:
         if refresher is not None:
             refresher.close()
 
-    model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True))
+    model.load_state_dict(_load_best(out / "best.pt", progress.best_digest, device))
     valid = evaluate_model(model, prepared, "valid", config, device)
     test = evaluate_model(model, prepared, "test", config, device)
-    log.write(step, **{f"eval/test/{key}": value for key, value in test.items()})
+    log.write(progress.step, **{f"eval/test/{key}": value for key, value in test.items()})
     log.close()
+    epoch_seconds = progress.epoch_seconds
     results = {
         "name": config.name,
-        "best_epoch": best_epoch,
+        "best_epoch": progress.best_epoch,
         "epochs_run": len(epoch_seconds),
-        "steps": step,
+        "steps": progress.step,
         "seconds_per_epoch": float(np.median(epoch_seconds)) if epoch_seconds else 0.0,
         "valid": valid,
         "test": test,
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    checkpoint_mod.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    # Checkpoints exist to resume an interrupted run; a finished run's outputs are best.pt and
+    # results.json (and at a million items three checkpoints hold gigabytes).
+    shutil.rmtree(checkpoint_mod.checkpoint_folder(out), ignore_errors=True)
     logger.info("test: %s", ", ".join(f"{key} {value:.4f}" for key, value in test.items()))
     return results
+
+
+def _resume_point(out: Path) -> tuple[Path, dict[str, Any], list[Path]]:
+    """The checkpoint to resume ``out`` from (see checkpoint.latest_checkpoint)."""
+    if not out.is_dir():
+        raise RunError(
+            f"run folder {out} does not exist; --resume takes the folder of an interrupted "
+            "`annsample train`"
+        )
+    if (out / "results.json").is_file():
+        raise RunError(f"run {out} already finished (it has results.json); nothing to resume")
+    return checkpoint_mod.latest_checkpoint(out)
+
+
+def _restore(
+    checkpoint: dict[str, Any],
+    model: SASRec,
+    optimizers: list[torch.optim.Optimizer],
+    generators: dict[str, torch.Generator],
+    refresher,
+    schedule,
+) -> Progress:
+    """Load weights, optimiser moments, RNGs and the index from a checkpoint; return its progress."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        # check_config makes this unreachable for annsample's own checkpoints
+        raise CheckpointError(f"the checkpoint does not fit the model: {error}") from None
+    checkpoint_mod.restore_rng(checkpoint["rng"], generators)
+    if refresher is not None:
+        device = next(model.parameters()).device
+        checkpoint_mod.restore_refresher(refresher, schedule, checkpoint["index"], device)
+    return Progress(**checkpoint["progress"])
+
+
+def _save_best(model: SASRec, path: Path) -> str:
+    """Write the model's weights to ``path`` atomically; returns their digest."""
+    state = model.state_dict()
+    checkpoint_mod.atomic_save(state, path)
+    return checkpoint_mod.state_digest(state)
+
+
+def _load_best(path: Path, digest: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The best weights, checked against the digest recorded when they were written."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        intact = checkpoint_mod.state_digest(state) == digest
+    except Exception as error:  # missing, torn, or not a state dict: the run cannot be tested
+        reason = checkpoint_mod.describe_load_error(error)
+        raise CheckpointError(f"cannot read {path} ({reason}); start the run again") from None
+    if not intact:
+        raise CheckpointError(
+            f"{path} does not hold the weights of the best epoch this run recorded (it was "
+            "written after the checkpoint it resumed from, by a run that then diverged); start "
+            "the run again"
+        )
+    return state
+
+
+def _nonfinite_gradients(model: SASRec) -> list[str]:
+    """Names of parameters whose gradient holds NaN or inf (one device sync for all of them)."""
+    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return []
+    sums = torch.stack(
+        [(grad.coalesce().values() if grad.is_sparse else grad).sum() for _, grad in named]
+    )
+    finite = torch.isfinite(sums).tolist()
+    return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+
+def _nonfinite_parameters(model: SASRec) -> list[str]:
+    """Names of parameters holding NaN or inf."""
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def make_batches(
@@ -447,8 +738,9 @@ class StalenessMonitor:
     """Runs the refresh schedule and measures index staleness on fixed probe queries.
 
     Probe queries are the last hidden states of a fixed set of validation users (computed in eval
-    mode at probe time), with their history and validation target excluded. Figures are logged just
-    before every refresh (when the index is at its stalest) and every ``probe_every`` steps.
+    mode at probe time), with their history and validation target excluded. Figures are logged every
+    ``probe_every`` steps, or with ``probe_every`` = 0 just before every refresh (when the index is
+    at its stalest), and whenever an adaptive schedule needs them.
     """
 
     def __init__(
@@ -500,11 +792,16 @@ class StalenessMonitor:
             epoch_end,
             {"drift": stats.get("index/drift", 0.0), "recall": stats.get("index/recall@k", 1.0)},
         )
-        if kind is not None and not stats:
+        if kind is not None and not stats and not self.probe_every:
             stats = self.measure()
         if kind is not None:
             t0 = time.perf_counter()
             snapshot = _index_snapshot(self.model)
+            if not bool(torch.isfinite(snapshot).all()):
+                raise NumericalError(
+                    f"training diverged at step {step}: the item embeddings hold NaN or inf, so "
+                    "the index is not rebuilt from them"
+                )
             refresher.request(kind, snapshot, step)
             stats["index/request_seconds"] = time.perf_counter() - t0
             stats["index/refresh"] = kind
@@ -520,6 +817,11 @@ def _step_loss(
     h = model.encode(seq)  # (B, T, d)
     mask = tgt > 0
     h_pos = h[mask]  # (P, d) real positions only
+    # Before any sampler or index sees them: a NaN query would surface as an obscure sampler error.
+    if not bool(torch.isfinite(h_pos).all()):
+        raise NumericalError(
+            f"training diverged at step {step + 1}: the hidden states hold NaN or inf"
+        )
     positives = tgt[mask]  # (P,)
     item_embeddings = model.item_embeddings
     if config.loss.name == "full_ce":

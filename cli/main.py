@@ -21,10 +21,42 @@ def _user_errors(func):
         try:
             return func(*args, **kwargs)
         except AnnsampleError as error:
-            click.echo(f"error: {error}", err=True)
+            # one line, even where a message quotes a multi-line parser error
+            click.echo(f"error: {' '.join(str(error).split())}", err=True)
             sys.exit(2)
 
     return wrapper
+
+
+class _OneLineErrors(click.Group):
+    """A click group whose usage errors (unknown flag, bad value, missing argument) print one
+    ``error:`` line naming the help to read, exit 2, like every other user error."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, False, **extra)
+        except click.UsageError as error:
+            command = error.ctx.command_path if error.ctx is not None else self.name
+            message = " ".join(error.format_message().split())
+            click.echo(f"error: {message} (see '{command} --help')", err=True)
+            sys.exit(2)
+        except click.ClickException as error:
+            error.show()
+            sys.exit(error.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def _check_writable(path: Path | None, flag: str) -> None:
+    """Refuse an output file whose folder does not exist, before any work is done."""
+    if path is not None and not path.parent.is_dir():
+        raise click.BadParameter(
+            f"folder {path.parent} does not exist; create it or write elsewhere", param_hint=flag
+        )
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -35,7 +67,9 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    "annsample", cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]}
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @click.version_option(package_name="annsample")
 def main(verbose: bool) -> None:
@@ -67,6 +101,15 @@ def main(verbose: bool) -> None:
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run folder.")
 @click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="RUN_DIR",
+    help="Continue an interrupted run from its newest checkpoint (exactly, on CPU), with the run's "
+    "config.yaml unless --config is given.",
+)
+@click.option(
     "--catalog-size",
     default=None,
     metavar="N",
@@ -79,19 +122,36 @@ def train(
     overrides: tuple[str, ...],
     out_dir: Path | None,
     overwrite: bool,
+    resume_dir: Path | None,
     catalog_size: str | None,
 ) -> None:
     """Train a model and write config, metrics, checkpoint and results into the run folder."""
     from annsample.config import catalog_overrides, load_config
+    from annsample.run import run_config_path
     from annsample.synthetic import parse_size
     from annsample.train import default_run_dir
     from annsample.train import train as run_training
 
-    if catalog_size is not None:
-        overrides = catalog_overrides(parse_size(catalog_size)) + tuple(overrides)
-    config = load_config(config_path, overrides)
-    out = out_dir or default_run_dir(config)
-    results = run_training(config, out, overwrite=overwrite)
+    if resume_dir is not None:
+        given = {
+            "--out": out_dir is not None,
+            "--overwrite": overwrite,
+            "--catalog-size": catalog_size,
+        }
+        clashes = [flag for flag, value in given.items() if value]
+        if clashes:
+            raise click.UsageError(
+                f"--resume continues RUN_DIR in place, on its own data; drop {', '.join(clashes)}"
+            )
+        config = load_config(config_path or run_config_path(resume_dir), overrides)
+        results = run_training(config, resume_dir, resume=True)
+        out = resume_dir
+    else:
+        if catalog_size is not None:
+            overrides = catalog_overrides(parse_size(catalog_size)) + tuple(overrides)
+        config = load_config(config_path, overrides)
+        out = out_dir or default_run_dir(config)
+        results = run_training(config, out, overwrite=overwrite)
     click.echo(f"run folder: {out}")
     click.echo(_format_metrics("test", results["test"]))
 
@@ -113,6 +173,7 @@ def evaluate(run_dir: Path, stage: str, json_path: Path | None) -> None:
     """Full-ranking HR/NDCG@5/10/20 of a trained run's best checkpoint."""
     from annsample.run import evaluate_run
 
+    _check_writable(json_path, "--json")
     metrics = evaluate_run(run_dir, stages=("valid", "test") if stage == "both" else (stage,))
     for name, values in metrics.items():
         click.echo(_format_metrics(name, values))
@@ -152,18 +213,33 @@ def bench() -> None:
     type=click.Choice(["uniform", "popularity", "dns", "pool", "exact", "ann"]),
     help="Samplers to run (default: all).",
 )
-@click.option("--queries", default=256, show_default=True, help="Probe queries timed per call.")
 @click.option(
-    "--tv-queries", default=32, show_default=True, help="Probe queries for the TV distance."
+    "--queries",
+    default=256,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="Probe queries timed per call.",
+)
+@click.option(
+    "--tv-queries",
+    default=32,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="Probe queries for the TV distance.",
 )
 @click.option(
     "--draws",
     default=100_000,
+    type=click.IntRange(min=1),
     show_default=True,
     help="Draws per query for empirical TV (samplers without a closed form).",
 )
 @click.option(
-    "--repeats", default=5, show_default=True, help="Timing repeats (the median is reported)."
+    "--repeats",
+    default=5,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="Timing repeats (the median is reported).",
 )
 @_user_errors
 def bench_samplers_command(
@@ -178,10 +254,52 @@ def bench_samplers_command(
     """Speed, TV distance to exact GenNi, and hardness of each sampler on a trained run."""
     from annsample.bench import SAMPLER_NAMES, bench_samplers, records_table
 
+    _check_writable(json_path, "--json")
     records = bench_samplers(
         run_dir, samplers or SAMPLER_NAMES, queries, tv_queries, draws, repeats
     )
     click.echo(records_table(records), nl=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+
+
+@bench.command("stall")
+@click.option(
+    "--catalog-size",
+    default="1M",
+    show_default=True,
+    help="Synthetic catalog size (e.g. 100k, 1M).",
+)
+@click.option("--steps", default=400, show_default=True, help="Training steps per mode.")
+@click.option(
+    "--refresh-every", default=100, show_default=True, help="Steps between index refreshes."
+)
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Extra config overrides."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Keep the three runs here.",
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_user_errors
+def bench_stall_command(
+    catalog_size: str,
+    steps: int,
+    refresh_every: int,
+    overrides: tuple[str, ...],
+    out_dir: Path | None,
+    json_path: Path | None,
+) -> None:
+    """Training stall from index refresh: no refresh vs sync vs async, in one invocation."""
+    from annsample.bench_stall import bench_stall, stall_table
+    from annsample.synthetic import parse_size
+
+    records = bench_stall(parse_size(catalog_size), steps, refresh_every, overrides, out_dir)
+    click.echo(stall_table(records), nl=False)
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
 
