@@ -192,6 +192,42 @@ def report(run_dirs: tuple[Path, ...], stage: str) -> None:
     click.echo(results_table(list(run_dirs), stage), nl=False)
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Base YAML run config.",
+)
+@click.option(
+    "--grid",
+    multiple=True,
+    required=True,
+    metavar="KEY=V1,V2,...",
+    help="A config key and the values to try (repeatable: every combination is run).",
+)
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Overrides for every run."
+)
+@click.option(
+    "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the runs."
+)
+@click.option("--overwrite", is_flag=True, help="Replace existing run folders.")
+@_user_errors
+def ablate(
+    config_path: Path | None,
+    grid: tuple[str, ...],
+    overrides: tuple[str, ...],
+    out_dir: Path,
+    overwrite: bool,
+) -> None:
+    """Train one run per combination of the grid (e.g. refresh frequency) and print the table."""
+    from annsample.ablation import run_grid
+
+    click.echo(run_grid(config_path, grid, out_dir, overrides, overwrite), nl=False)
+
+
 @main.group()
 def bench() -> None:
     """Benchmarks (sampler quality and speed)."""
