@@ -469,8 +469,13 @@ def _draw_from_candidates(
     log_p_cand = torch.log_softmax(safe_logits.double(), dim=1).masked_fill(
         ~torch.isfinite(logits), float("-inf")
     )
-    match = ids[:, :, None] == candidates[:, None, :]  # (P, k, M)
-    p_cand = (match * log_p_cand.exp()[:, None, :]).sum(dim=2)  # (P, k)
+    # sorted candidates + a running sum give each id's total slot mass in O(k log M) per row,
+    # repeated ids included (a (P, k, M) comparison costs too much at k = 128)
+    sorted_ids, order = candidates.sort(dim=1)
+    cumulative = torch.nn.functional.pad(log_p_cand.exp().gather(1, order).cumsum(dim=1), (1, 0))
+    lo = torch.searchsorted(sorted_ids, ids, right=False)
+    hi = torch.searchsorted(sorted_ids, ids, right=True)
+    p_cand = (cumulative.gather(1, hi) - cumulative.gather(1, lo)).clamp_(min=0.0)  # (P, k)
     q = (1.0 - eps[:, None]) * p_cand + eps[:, None] / n_allowed[:, None]
     return Negatives(ids, torch.log(q).float())
 
