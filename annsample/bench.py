@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,7 @@ from annsample import data as data_mod
 from annsample.samplers import (
     AnnSampler,
     DNSSampler,
-    ExactSampler,
     Exclusions,
-    PoolSampler,
-    PopularitySampler,
-    UniformSampler,
     genni_log_probs,
 )
 
@@ -117,7 +114,11 @@ def bench_samplers(
     ic = config.sampler.index
     records = []
     for name in tqdm(samplers, desc="samplers", disable=not show_progress):
-        settings: dict = {}
+        # each sampler as training would build it from this run's config (ann: a fresh index)
+        sampler_config = replace(
+            config, sampler=replace(config.sampler, name=name, query="position")
+        )
+        index = None
         if name == "ann":
             index = ItemIndex(
                 items.shape[1],
@@ -127,35 +128,19 @@ def bench_samplers(
                 metric=ic.metric,
             )
             index.build(items[1:].contiguous(), torch.arange(1, split.n_items + 1))
-            sampler = AnnSampler(
-                index,
-                alpha=alpha,
-                candidates=config.sampler.candidates,
-                epsilon=config.sampler.epsilon,
-                query="position",
-                tail_samples=config.sampler.tail_samples,
-            )
-            settings = {
+        sampler = build_sampler(sampler_config, prepared, index)
+        settings = {
+            "ann": {
                 "nlist": ic.nlist,
                 "nprobe": ic.nprobe,
-                "candidates": sampler.candidates,
-                "epsilon": sampler.epsilon,
-            }
-        elif name == "pool":
-            sampler = PoolSampler(alpha=alpha, pool_size=config.sampler.pool_size)
-            settings = {"pool_size": sampler.pool_size}
-        elif name == "dns":
-            sampler = DNSSampler(candidates=min(config.sampler.pool_size, 100))
-            settings = {"candidates": sampler.candidates}
-        elif name == "exact":
-            sampler = ExactSampler(alpha=alpha)
-        elif name == "popularity":
-            sampler = PopularitySampler(prepared.popularity, beta=config.sampler.beta)
-            settings = {"beta": config.sampler.beta}
-        elif name == "uniform":
-            sampler = UniformSampler()
-        else:
-            sampler = build_sampler(config, prepared)
+                "candidates": config.sampler.candidates,
+                "epsilon": config.sampler.epsilon,
+                "tail_samples": config.sampler.tail_samples,
+            },
+            "pool": {"pool_size": config.sampler.pool_size},
+            "dns": {"candidates": config.sampler.pool_size},
+            "popularity": {"beta": config.sampler.beta},
+        }.get(name, {})
         generator = torch.Generator().manual_seed(seed)
         ms = _median_ms(
             lambda s=sampler, g=generator: s.sample(h, items, exclusions, 1, g), repeats
