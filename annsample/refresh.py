@@ -34,7 +34,11 @@ class RefreshSchedule(Protocol):
     def should_refresh(
         self, step: int, epoch_end: bool = False, stats: Mapping[str, float] | None = None
     ) -> str | None:
-        """None, "re_add" or "retrain". Call it exactly once per step: some schedules count."""
+        """None, "re_add" or "retrain".
+
+        Call it exactly once per step with ``epoch_end=False`` (some schedules count), and once
+        more after an epoch's last step with ``epoch_end=True``: only epoch schedules fire then.
+        """
         ...
 
     def needs_stats(self, step: int) -> bool:
@@ -74,7 +78,7 @@ class EveryNSteps:
     def should_refresh(
         self, step: int, epoch_end: bool = False, stats: Mapping[str, float] | None = None
     ) -> str | None:
-        if step <= 0 or step % self.n:
+        if epoch_end or step <= 0 or step % self.n:  # the step itself was already asked about
             return None
         return _kind(step // self.n, self.retrain_every)
 
@@ -155,7 +159,7 @@ class Adaptive:
     def should_refresh(
         self, step: int, epoch_end: bool = False, stats: Mapping[str, float] | None = None
     ) -> str | None:
-        if not self.needs_stats(step):
+        if epoch_end or not self.needs_stats(step):
             return None
         stale = False
         if self.drift_threshold is not None:

@@ -785,7 +785,8 @@ class StalenessMonitor:
     def after_step(self, refresher, schedule, step: int, epoch_end: bool, log: MetricsLog) -> None:
         refresher.poll()  # a background failure surfaces here, in the training thread
         stats: dict[str, float] = {}
-        if schedule.needs_stats(step) or (self.probe_every and step % self.probe_every == 0):
+        due = schedule.needs_stats(step) or (self.probe_every and step % self.probe_every == 0)
+        if due and not epoch_end:  # the epoch-end call repeats the epoch's last step
             stats = self.measure()
         kind = schedule.should_refresh(
             step,
