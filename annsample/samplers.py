@@ -27,8 +27,8 @@ class Negatives:
     Attributes:
         ids: (P, k) int64 item ids in 1..N.
         log_q: (P, k) float32 log probability of drawing each id under the sampler's proposal for
-            that position. Exact for samplers with ``exact_log_q``; for ``pool`` and ``dns`` it is
-            conditional on the shared random candidates.
+            that position. Exact for samplers with ``exact_log_q``; for ``pool`` and ``dns`` (and
+            ``ann`` with ``tail_samples``) it is conditional on the shared random candidates.
     """
 
     ids: torch.Tensor
