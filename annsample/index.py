@@ -777,7 +777,9 @@ class ItemIndex:
         return torch.from_numpy(_ivf_vectors(ivf, contents.ntotal))
 
     def _log(self, what: str, start: float) -> None:
-        logger.info(
+        # the first build is worth a line; refreshes (every few steps) are in metrics.jsonl
+        log = logger.info if what == "build" else logger.debug
+        log(
             "index %s: version=%d ntotal=%d nlist=%d backend=%s metric=%s in %.3f s",
             what,
             self.version,

@@ -505,7 +505,7 @@ class IndexRefresher:
             self._count_by_kind[request.kind] += 1
             self._last_refresh_seconds = seconds
             self._total_refresh_seconds += seconds
-        logger.info(
+        logger.debug(  # every refresh is also recorded in metrics.jsonl (index/...)
             "index %s published: version=%d (%s, %.3f s)",
             request.kind,
             request.step,

@@ -65,6 +65,8 @@ def _setup_logging(verbose: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # faiss logs at INFO which CPU build it tried to load; only its warnings matter here
+    logging.getLogger("faiss").setLevel(logging.WARNING)
 
 
 @click.group(
