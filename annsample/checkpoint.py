@@ -386,44 +386,16 @@ def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generat
 
 # IndexRefresher keeps its published index and counters private; these two functions are the only
 # code that reaches in (until refresh.py grows a state_dict()/load_state_dict() of its own).
-_REFRESHER_FIELDS = (
-    "_last_step",
-    "_refresh_count",
-    "_skipped",
-    "_failures",
-    "_build_seconds",
-    "_last_refresh_seconds",
-    "_total_refresh_seconds",
-    "_total_wait_seconds",
-)
-
-
 def refresher_state(refresher: Any, schedule: Any) -> dict[str, Any]:
-    """The published index (centroids, vectors, version), the refresher's counters and the
-    schedule's refresh count. A refresh still running on a background thread is not included."""
-    counters = {name: getattr(refresher, name) for name in _REFRESHER_FIELDS}
-    counters["_count_by_kind"] = dict(refresher._count_by_kind)
-    return {
-        "index": refresher.current().state_dict(with_vectors=True),
-        "counters": counters,
-        "schedule_refreshes": getattr(schedule, "refreshes", None),
-    }
+    """The refresher's published index and counters, and the schedule's refresh count. A refresh
+    still running on a background thread is not included."""
+    return {**refresher.state_dict(), "schedule_refreshes": getattr(schedule, "refreshes", None)}
 
 
 def restore_refresher(
     refresher: Any, schedule: Any, state: Mapping[str, Any], device: torch.device
 ) -> None:
     """Publish the saved index in ``refresher`` (no k-means, no re-add) and restore the counters."""
-    from annsample.index import ItemIndex
-
-    index_state = dict(state["index"])
-    if index_state["vectors"] is not None:
-        # "auto" resolves from where the vectors are, as it did from the embeddings at build time.
-        index_state["vectors"] = index_state["vectors"].to(device)
-    index = ItemIndex.from_state_dict(index_state)
-    with refresher._cond:
-        refresher._index = index
-        for name, value in state["counters"].items():
-            setattr(refresher, name, dict(value) if isinstance(value, Mapping) else value)
+    refresher.load_state_dict(state, device)
     if state["schedule_refreshes"] is not None:
         schedule.refreshes = state["schedule_refreshes"]

@@ -430,6 +430,40 @@ class IndexRefresher:
         self.poll()
         return idle
 
+    _COUNTERS = (
+        "_last_step",
+        "_refresh_count",
+        "_skipped",
+        "_failures",
+        "_build_seconds",
+        "_last_refresh_seconds",
+        "_total_refresh_seconds",
+        "_total_wait_seconds",
+    )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The published index (with its vectors) and the counters; a refresh still running on
+        the background thread is not included."""
+        with self._cond:
+            counters = {name: getattr(self, name) for name in self._COUNTERS}
+            counters["_count_by_kind"] = dict(self._count_by_kind)
+            index = self._index
+        if index is None:
+            raise ItemIndexError("no index yet: call build(xb, step) first")
+        return {"index": index.state_dict(with_vectors=True), "counters": counters}
+
+    def load_state_dict(self, state: Mapping[str, Any], device: torch.device | None = None) -> None:
+        """Publish the saved index as it was (no k-means, no re-add) and restore the counters."""
+        index_state = dict(state["index"])
+        if device is not None and index_state.get("vectors") is not None:
+            # "auto" resolves from where the vectors are, as it did from the embeddings at build
+            index_state["vectors"] = index_state["vectors"].to(device)
+        index = ItemIndex.from_state_dict(index_state)
+        with self._cond:
+            self._index = index
+            for name, value in state["counters"].items():
+                setattr(self, name, dict(value) if isinstance(value, Mapping) else value)
+
     def stats(self, step: int | None = None) -> dict[str, float]:
         """Step-keyed record of refresh cost and staleness, with namespaced keys.
 
