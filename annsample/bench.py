@@ -24,6 +24,7 @@ from annsample.samplers import (
     Exclusions,
     genni_log_probs,
 )
+from annsample.staleness import allowed_percentiles
 
 logger = logging.getLogger(__name__)
 
@@ -66,15 +67,6 @@ def _empirical_tv(sampler, queries, items, exclusions, exact_p, draws: int, gene
     return float(0.5 * (freq - exact_p).abs().sum(1).mean())
 
 
-def _hardness(ids: torch.Tensor, queries, items, exclusions) -> float:
-    """Mean share of allowed items that score below each sampled negative (0.5 = uniform)."""
-    scores = (queries @ items.T).masked_fill(exclusions.dense_mask(), float("nan"))  # (Q, N+1)
-    neg = scores.gather(1, ids)  # (Q, k)
-    below = (scores[:, None, :] < neg[:, :, None]).sum(2).double()  # nan compares False
-    allowed = exclusions.n_allowed.double()[:, None]
-    return float((below / (allowed - 1).clamp(min=1)).mean())
-
-
 def bench_samplers(
     run_dir: str | Path,
     samplers: tuple[str, ...] = SAMPLER_NAMES,
@@ -87,9 +79,8 @@ def bench_samplers(
 ) -> list[dict]:
     """One record per sampler: ``sampler``, ``catalog_size``, ``ms_per_256_queries``, ``tv_to_exact``,
     ``tv_method`` ("closed_form" or "empirical_<draws>"), ``hardness``, plus its settings."""
-    from annsample.index import ItemIndex
     from annsample.run import load_model, load_run
-    from annsample.train import build_sampler, prepare_data
+    from annsample.train import build_sampler, make_index_refresher, prepare_data
 
     config, checkpoint = load_run(run_dir)
     device = torch.device("cpu")
@@ -122,15 +113,9 @@ def bench_samplers(
             )
         sampler_config = replace(config, sampler=sampler_settings)
         index = None
-        if name == "ann":
-            index = ItemIndex(
-                items.shape[1],
-                nlist=ic.nlist,
-                nprobe=ic.nprobe,
-                backend=ic.backend,
-                metric=ic.metric,
-            )
-            index.build(items[1:].contiguous(), torch.arange(1, split.n_items + 1))
+        if name == "ann":  # the index training would build, from the trained table
+            index = make_index_refresher(config, items.shape[1])
+            index.build(items[1:].contiguous(), ids=torch.arange(1, split.n_items + 1))
         sampler = build_sampler(sampler_config, prepared, index)
         settings = {
             "ann": {
@@ -182,7 +167,9 @@ def bench_samplers(
             "tv_to_exact": round(tv, 4),
             "tv_method": method,
             "tv_floor": None if floor is None else round(floor, 4),
-            "hardness": round(_hardness(ids, h[probe], items, probe_ex), 4),
+            "hardness": round(
+                float(allowed_percentiles(h[probe], items, probe_ex).gather(1, ids).mean()), 4
+            ),
             "alpha": alpha,
             "queries": len(users),
             "threads": torch.get_num_threads(),

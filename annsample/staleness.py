@@ -23,6 +23,21 @@ def probe_exclusions(positives: torch.Tensor, history: torch.Tensor, n_items: in
 
 
 @torch.no_grad()
+def allowed_percentiles(
+    xq: torch.Tensor, item_embeddings: torch.Tensor, exclusions: Exclusions
+) -> torch.Tensor:
+    """(Q, N+1) float64: for every item, the share of the query's allowed items scoring below it.
+
+    0.5 is the mean over a uniform draw; excluded items get 0. Dense, so for probes only.
+    """
+    excluded = exclusions.dense_mask()
+    scores = (xq @ item_embeddings.T).masked_fill(excluded, float("-inf"))
+    # excluded items sort first; subtracting their count leaves the rank among allowed items
+    below = scores.argsort(dim=1).argsort(dim=1).double() - excluded.sum(1, keepdim=True)
+    return (below / (exclusions.n_allowed.double()[:, None] - 1).clamp(min=1)).clamp(min=0)
+
+
+@torch.no_grad()
 def measure_staleness(
     sampler: AnnSampler,
     xq: torch.Tensor,
@@ -57,11 +72,7 @@ def measure_staleness(
         p = genni_log_probs(xq, item_embeddings, exclusions, sampler.alpha).exp()
         stats["sampler/tv_to_exact"] = float(0.5 * (q - p).abs().sum(1).mean())
         # hardness: expected share of allowed items scoring below a drawn negative
-        excluded = exclusions.dense_mask()
-        scores = (xq @ item_embeddings.T).masked_fill(excluded, float("-inf"))
-        # excluded items sort first; subtracting their count leaves the rank among allowed items
-        below = scores.argsort(dim=1).argsort(dim=1).double() - excluded.sum(1, keepdim=True)
-        share = (below / (exclusions.n_allowed.double()[:, None] - 1).clamp(min=1)).clamp(min=0)
+        share = allowed_percentiles(xq, item_embeddings, exclusions)
         stats["sampler/hardness"] = float((q * share).sum(1).mean())
         stats["sampler/exact_hardness"] = float((p * share).sum(1).mean())
     return stats
