@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Seconds per training epoch of every Beauty config, one run at a time on an otherwise idle machine
-# (one epoch each, evaluation excluded; torch's default thread count). Prints a markdown table.
+# Seconds per training epoch of every config of a dataset, one run at a time on an otherwise idle
+# machine (one epoch each, evaluation excluded; torch's default thread count). Prints a markdown table.
+#   DATASET=sports bash examples/epoch_timing.sh
 set -euo pipefail
+DATASET=${DATASET:-beauty}
 OUT=${OUT:-runs/timing}
-CONFIGS=${CONFIGS:-"beauty beauty-popularity-bce beauty-dns-bce beauty-pool-bce beauty-exact beauty-ann beauty-ann-ssm beauty-full-ce"}
+CONFIGS=${CONFIGS:-"$DATASET $DATASET-popularity-bce $DATASET-dns-bce $DATASET-pool-bce $DATASET-exact $DATASET-ann $DATASET-ann-ssm $DATASET-full-ce"}
 echo "| config | s/epoch (1 epoch, alone) |"
 echo "|---|---:|"
 for config in $CONFIGS; do
