@@ -63,6 +63,11 @@ def _empirical_tv(sampler, queries, items, exclusions, exact_p, draws: int, gene
         for _ in range(draws // per_call):
             ids = sampler.sample(queries, items, exclusions, per_call, generator).ids
             counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))
+    return _tv_of_counts(counts, exact_p)
+
+
+def _tv_of_counts(counts: torch.Tensor, exact_p: torch.Tensor) -> float:
+    """Mean over rows of the total-variation distance between draw counts and ``exact_p``."""
     freq = counts / counts.sum(1, keepdim=True)
     return float(0.5 * (freq - exact_p).abs().sum(1).mean())
 
@@ -158,7 +163,7 @@ def bench_samplers(
             counts = torch.zeros_like(exact_p).scatter_add_(
                 1, exact_draws, torch.ones_like(exact_draws, dtype=exact_p.dtype)
             )
-            floor = float(0.5 * (counts / draws - exact_p).abs().sum(1).mean())
+            floor = _tv_of_counts(counts, exact_p)
         ids = sampler.sample(h[probe], items, probe_ex, 64, generator).ids
         record = {
             "sampler": name,

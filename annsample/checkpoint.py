@@ -384,8 +384,7 @@ def restore_rng(state: Mapping[str, Any], generators: Mapping[str, torch.Generat
 # --------------------------------------------------------------------------- index
 
 
-# IndexRefresher keeps its published index and counters private; these two functions are the only
-# code that reaches in (until refresh.py grows a state_dict()/load_state_dict() of its own).
+# The refresher saves and restores itself (IndexRefresher.state_dict); these add the schedule's count.
 def refresher_state(refresher: Any, schedule: Any) -> dict[str, Any]:
     """The refresher's published index and counters, and the schedule's refresh count. A refresh
     still running on a background thread is not included."""
