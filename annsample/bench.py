@@ -2,8 +2,10 @@
 
 For probe queries (the last hidden state of validation users, with their history and validation
 target excluded) each sampler is timed, compared with the exact GenNi distribution
-p(j|h) ∝ exp(α·h·e_j) by total-variation distance, and scored by the hardness of its negatives
-(the mean percentile of a sampled negative among the allowed items under the current model).
+p(j|h) ∝ exp(α·h·e_j) by total-variation distance, scored by the hardness of its negatives
+(the mean percentile of a sampled negative among the allowed items under the current model), and,
+where its log q is exact, by how far the logQ-corrected sampled softmax it would train sits from
+the full softmax it estimates.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from annsample import data as data_mod
+from annsample.losses import sampled_softmax_loss
 from annsample.samplers import (
     AnnSampler,
     DNSSampler,
@@ -72,6 +75,35 @@ def _tv_of_counts(counts: torch.Tensor, exact_p: torch.Tensor) -> float:
     return float(0.5 * (freq - exact_p).abs().sum(1).mean())
 
 
+def softmax_gap(
+    sampler, queries, items, exclusions, k: int, repeats: int, generator: torch.Generator
+) -> float:
+    """Sampled-softmax loss (k negatives from ``sampler``, logQ-corrected) minus the exact softmax
+    loss over the allowed items and the positive, averaged over queries and ``repeats`` draws.
+
+    The positive of each query is ``exclusions.positives``. The sampled loss estimates the
+    partition function without bias, so by Jensen the gap is ≤ 0 in expectation: the more the
+    proposal departs from softmax(h·e), the more the sampled objective underrates the negatives.
+    It is 0 exactly when q = softmax(h·e) over the allowed items (exact GenNi at α = 1), since then
+    every corrected term equals the partition function.
+    """
+    logits = (queries @ items.T).double()  # (Q, N+1)
+    rows = torch.arange(queries.shape[0])
+    positives = exclusions.positives
+    mask = exclusions.dense_mask()
+    mask[rows, positives] = False
+    pos_logits = logits[rows, positives]
+    full = torch.logsumexp(logits.masked_fill(mask, float("-inf")), dim=1) - pos_logits
+    sampled = []
+    for _ in range(repeats):
+        negatives = sampler.sample(queries, items, exclusions, k, generator)
+        neg_logits = logits.gather(1, negatives.ids)
+        sampled.append(
+            float(sampled_softmax_loss(pos_logits, neg_logits, negatives.log_q.double()))
+        )
+    return float(np.mean(sampled)) - float(full.mean())
+
+
 def bench_samplers(
     run_dir: str | Path,
     samplers: tuple[str, ...] = SAMPLER_NAMES,
@@ -81,9 +113,12 @@ def bench_samplers(
     repeats: int = 5,
     seed: int = 0,
     show_progress: bool = True,
+    softmax_negatives: int = 128,
 ) -> list[dict]:
     """One record per sampler: ``sampler``, ``catalog_size``, ``ms_per_256_queries``, ``tv_to_exact``,
-    ``tv_method`` ("closed_form" or "empirical_<draws>"), ``hardness``, plus its settings."""
+    ``tv_method`` ("closed_form" or "empirical_<draws>"), ``hardness``, ``softmax_gap`` (nats, see
+    :func:`softmax_gap`, with ``softmax_negatives`` negatives over 10 draws on the TV probe queries;
+    None for samplers whose log q is only conditional on shared candidates), plus its settings."""
     from annsample.run import load_model, load_run
     from annsample.train import build_sampler, make_index_refresher, prepare_data
 
@@ -141,8 +176,8 @@ def bench_samplers(
         ms_per_256 = ms * 256.0 / len(users)
         floor = None
         if isinstance(sampler, AnnSampler) and sampler.tail_samples:
-            # log q is exact given the shared tail draw; TV is of the marginal over tail draws
-            # (Monte-Carlo over the draws, so a small floor remains)
+            # the draws follow the proposal given the shared tail draw; TV is of its marginal
+            # over tail draws (Monte-Carlo over the draws, so a small floor remains)
             tail_draws = max(64, draws // 100)
             q = sampler.marginal_probabilities(
                 h[probe], items, probe_ex, h[probe], draws=tail_draws
@@ -165,6 +200,9 @@ def bench_samplers(
             )
             floor = _tv_of_counts(counts, exact_p)
         ids = sampler.sample(h[probe], items, probe_ex, 64, generator).ids
+        gap = None
+        if sampler.exact_log_q:
+            gap = softmax_gap(sampler, h[probe], items, probe_ex, softmax_negatives, 10, generator)
         record = {
             "sampler": name,
             "catalog_size": split.n_items,
@@ -175,6 +213,8 @@ def bench_samplers(
             "hardness": round(
                 float(allowed_percentiles(h[probe], items, probe_ex).gather(1, ids).mean()), 4
             ),
+            "softmax_gap": None if gap is None else round(gap, 4),
+            "softmax_negatives": softmax_negatives,
             "alpha": alpha,
             "queries": len(users),
             "threads": torch.get_num_threads(),
@@ -188,15 +228,17 @@ def bench_samplers(
 def records_table(records: list[dict]) -> str:
     """Markdown table of benchmark records."""
     lines = [
-        "| sampler | catalog | ms / 256 queries | TV to exact GenNi | TV method (noise floor) | hardness |",
-        "|---|---:|---:|---:|---|---:|",
+        "| sampler | catalog | ms / 256 queries | TV to exact GenNi | TV method (noise floor) "
+        "| hardness | softmax gap (nats) |",
+        "|---|---:|---:|---:|---|---:|---:|",
     ]
     for r in records:
         method = r["tv_method"]
         if r.get("tv_floor") is not None:
             method += f" ({r['tv_floor']:.4f})"
+        gap = "–" if r.get("softmax_gap") is None else f"{r['softmax_gap']:.4f}"
         lines.append(
             f"| {r['sampler']} | {r['catalog_size']} | {r['ms_per_256_queries']:.2f} "
-            f"| {r['tv_to_exact']:.4f} | {method} | {r['hardness']:.3f} |"
+            f"| {r['tv_to_exact']:.4f} | {method} | {r['hardness']:.3f} | {gap} |"
         )
     return "\n".join(lines) + "\n"

@@ -27,8 +27,9 @@ class Negatives:
     Attributes:
         ids: (P, k) int64 item ids in 1..N.
         log_q: (P, k) float32 log probability of drawing each id under the sampler's proposal for
-            that position. Exact for samplers with ``exact_log_q``; for ``pool`` and ``dns`` (and
-            ``ann`` with ``tail_samples``) it is conditional on the shared random candidates.
+            that position. Exact for samplers with ``exact_log_q`` (for ``ann`` with
+            ``tail_samples``: the proposal averaged over the tail draw, see :class:`AnnSampler`);
+            for ``pool`` it is conditional on the shared pool, and ``dns`` reports zeros.
     """
 
     ids: torch.Tensor
@@ -179,7 +180,7 @@ class Sampler(Protocol):
 
     name: str
     model_aware: bool  # needs hidden states and item embeddings
-    exact_log_q: bool  # log_q is the exact marginal proposal probability
+    exact_log_q: bool  # log_q fits a logQ correction: Σ exp(α·s_j) / q_j is unbiased for Z
 
     def sample(
         self,
@@ -466,18 +467,23 @@ def _draw_from_candidates(
         uniform_ids = exclusions.rank_to_item(_uniform_int(exclusions.n_allowed, k, generator))
         ids = torch.where(use_uniform, uniform_ids, ids)
     # probability of each drawn id under the mixture: look the id up among the candidates
-    log_p_cand = torch.log_softmax(safe_logits.double(), dim=1).masked_fill(
-        ~torch.isfinite(logits), float("-inf")
-    )
-    # sorted candidates + a running sum give each id's total slot mass in O(k log M) per row,
-    # repeated ids included (a (P, k, M) comparison costs too much at k = 128)
-    sorted_ids, order = candidates.sort(dim=1)
-    cumulative = torch.nn.functional.pad(log_p_cand.exp().gather(1, order).cumsum(dim=1), (1, 0))
-    lo = torch.searchsorted(sorted_ids, ids, right=False)
-    hi = torch.searchsorted(sorted_ids, ids, right=True)
-    p_cand = (cumulative.gather(1, hi) - cumulative.gather(1, lo)).clamp_(min=0.0)  # (P, k)
+    p_slot = torch.softmax(safe_logits.double(), dim=1).masked_fill(~torch.isfinite(logits), 0.0)
+    p_cand = _slot_mass(ids, candidates, p_slot)
     q = (1.0 - eps[:, None]) * p_cand + eps[:, None] / n_allowed[:, None]
     return Negatives(ids, torch.log(q).float())
+
+
+def _slot_mass(ids: torch.Tensor, slot_ids: torch.Tensor, slot_p: torch.Tensor) -> torch.Tensor:
+    """(P, k) total probability of the slots holding each id, repeated ids included.
+
+    Sorted slots and a running sum give it in O(k log M) per row (a (P, k, M) comparison costs too
+    much at k = 128).
+    """
+    sorted_ids, order = slot_ids.sort(dim=1)
+    cumulative = torch.nn.functional.pad(slot_p.gather(1, order).cumsum(dim=1), (1, 0))
+    lo = torch.searchsorted(sorted_ids, ids, right=False)
+    hi = torch.searchsorted(sorted_ids, ids, right=True)
+    return (cumulative.gather(1, hi) - cumulative.gather(1, lo)).clamp_(min=0.0)
 
 
 class AnnSampler:
@@ -495,8 +501,12 @@ class AnnSampler:
             batch, importance-weighted (n_tail / M each), join every query's candidates. Their
             softmax share estimates the GenNi mass outside the candidates, so the proposal tracks
             exact GenNi when its distribution is flat (early training) or the index is stale, and
-            stays on the candidates when they hold the mass. ``log_q`` is then exact given the
-            shared tail draw (as for ``pool``); with M = 0 it is exact outright.
+            stays on the candidates when they hold the mass. The draws follow the proposal given
+            the tail draw (:meth:`probabilities`); ``log_q`` is that proposal averaged over tail
+            draws, to first order in M / N, so that Σ exp(α·s_j) / q_j still estimates the
+            partition function without bias (the conditional q would count each tail item once
+            and a sampled softmax would miss the mass outside the candidates). With M = 0
+            ``log_q`` is exact outright.
         query: "position" (every position queries the index) or "sequence" (each sequence's last
             hidden state queries once; its candidates serve all its positions, rescored per position).
     """
@@ -595,7 +605,37 @@ class AnnSampler:
         logits, slots, eps = self._proposal(
             queries, item_embeddings, exclusions, sequence_queries, generator
         )
-        return _draw_from_candidates(logits, slots, exclusions, k, generator, eps)
+        out = _draw_from_candidates(logits, slots, exclusions, k, generator, eps)
+        if not self.tail_samples:
+            return out
+        return Negatives(
+            out.ids,
+            self._marginal_log_q(queries, item_embeddings, exclusions, logits, slots, out.ids),
+        )
+
+    def _marginal_log_q(self, queries, item_embeddings, exclusions, logits, slots, ids):
+        """log q of ``ids`` under the proposal averaged over tail draws, to first order in M / N.
+
+        Given one tail draw, an item outside the candidates has mass only if the draw holds it,
+        and then n_tail / M' times its GenNi weight: a logQ correction with that conditional q
+        counts the tail items once each, so the sampled softmax misses nearly all the mass
+        outside the candidates. Averaged over tail draws, every non-candidate item u has mass
+        exp(α·s_u) / W, W the slot normaliser (itself an unbiased estimate of the partition
+        function), and every candidate exp(α·s_c) / W: with these, the corrected negatives
+        estimate the partition function as candidates exactly plus the tail's importance-weighted
+        estimate of the rest.
+        """
+        K = slots.shape[1] - self.tail_samples
+        has_candidate = torch.isfinite(logits).any(dim=1)
+        eps = torch.where(has_candidate, torch.tensor(self.epsilon, dtype=torch.float64), 1.0)
+        log_w = torch.logsumexp(logits.double(), dim=1).masked_fill(~has_candidate, 0.0)
+        p_cand = (logits[:, :K].double() - log_w[:, None]).exp()  # 0 on blocked candidates
+        p = _slot_mass(ids, slots[:, :K], p_cand)
+        scores = self.alpha * torch.einsum("pd,pkd->pk", queries, item_embeddings[ids]).double()
+        outside = (p == 0) & has_candidate[:, None]
+        p = torch.where(outside, (scores - log_w[:, None]).exp(), p)
+        q = (1.0 - eps[:, None]) * p + eps[:, None] / exclusions.n_allowed[:, None].double()
+        return torch.log(q).float()
 
     def probabilities(
         self, queries, item_embeddings, exclusions, sequence_queries=None, generator=None

@@ -279,6 +279,13 @@ def bench() -> None:
     show_default=True,
     help="Timing repeats (the median is reported).",
 )
+@click.option(
+    "--softmax-negatives",
+    default=128,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="Negatives per query for the sampled-softmax gap.",
+)
 @_user_errors
 def bench_samplers_command(
     run_dir: Path,
@@ -288,13 +295,21 @@ def bench_samplers_command(
     tv_queries: int,
     draws: int,
     repeats: int,
+    softmax_negatives: int,
 ) -> None:
-    """Speed, TV distance to exact GenNi, and hardness of each sampler on a trained run."""
+    """Speed, TV distance to exact GenNi, hardness, and sampled-softmax gap of each sampler on a
+    trained run."""
     from annsample.bench import SAMPLER_NAMES, bench_samplers, records_table
 
     _check_writable(json_path, "--json")
     records = bench_samplers(
-        run_dir, samplers or SAMPLER_NAMES, queries, tv_queries, draws, repeats
+        run_dir,
+        samplers or SAMPLER_NAMES,
+        queries,
+        tv_queries,
+        draws,
+        repeats,
+        softmax_negatives=softmax_negatives,
     )
     click.echo(records_table(records), nl=False)
     if json_path is not None:

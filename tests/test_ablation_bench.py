@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from annsample.ablation import parse_grid, run_grid
 from annsample.bench import bench_samplers
@@ -70,6 +71,12 @@ def test_bench_samplers_records(tiny_run):
     # every item is a candidate and the index probes every list: ann is exact GenNi
     assert by_name["ann"]["tv_to_exact"] < 1e-4
     assert by_name["pool"]["tv_method"] == "empirical_2000"
+    # sampled-softmax gap: 0 for q = the model's softmax (exact at α = 1, and ann here, which is
+    # exact); not defined where log q is conditional on shared candidates
+    assert by_name["exact"]["alpha"] == 1.0
+    assert abs(by_name["exact"]["softmax_gap"]) < 1e-4 and abs(by_name["ann"]["softmax_gap"]) < 1e-4
+    assert isinstance(by_name["uniform"]["softmax_gap"], float)  # near 0: a 1-epoch model is flat
+    assert by_name["pool"]["softmax_gap"] is None and by_name["dns"]["softmax_gap"] is None
     # model-aware negatives are harder than uniform ones
     assert by_name["exact"]["hardness"] > by_name["uniform"]["hardness"]
 
@@ -101,3 +108,27 @@ def test_bench_stall_runs_three_modes(tmp_path):
     assert by_mode["sync"]["wait_seconds"] > 0.0
     assert all(0.0 <= r["stall_share"] < 1.0 for r in records)
     assert "| sync | 12 | 3 |" in stall_table(records)
+
+
+def test_softmax_gap_vanishes_for_the_model_softmax_and_grows_with_a_poorer_proposal():
+    from annsample.bench import softmax_gap
+    from annsample.samplers import ExactSampler, Exclusions, UniformSampler
+
+    g = torch.Generator().manual_seed(0)
+    items = 3.0 * torch.randn(201, 8, generator=g)  # peaked logits: proposals differ a lot
+    items[0] = 0.0
+    queries = torch.randn(16, 8, generator=g)
+    seen = torch.stack([torch.randperm(200, generator=g)[:6] + 1 for _ in range(16)])
+    positives, history = seen[:, 0], seen[:, 1:].sort(dim=1).values  # 5 distinct history items
+    ex = Exclusions(history, torch.arange(16), positives, 200)
+
+    def gap(sampler, k, repeats=20):
+        return softmax_gap(
+            sampler, queries, items, ex, k, repeats, torch.Generator().manual_seed(1)
+        )
+
+    # q = softmax(h·e) over the allowed items: every corrected term is the partition function
+    assert abs(gap(ExactSampler(alpha=1.0), 8, repeats=3)) < 1e-5
+    uniform, flatter = gap(UniformSampler(), 32), gap(ExactSampler(alpha=0.5), 32)
+    assert uniform < flatter < -1e-3  # Jensen: the sampled loss underrates the partition function
+    assert gap(UniformSampler(), 512) > uniform  # more negatives, smaller gap
