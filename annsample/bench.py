@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from annsample import data as data_mod
+from annsample.errors import ConfigError
 from annsample.losses import sampled_softmax_loss
 from annsample.samplers import (
     AnnSampler,
@@ -114,15 +115,25 @@ def bench_samplers(
     seed: int = 0,
     show_progress: bool = True,
     softmax_negatives: int = 128,
+    overrides: tuple[str, ...] = (),
 ) -> list[dict]:
     """One record per sampler: ``sampler``, ``catalog_size``, ``ms_per_256_queries``, ``tv_to_exact``,
     ``tv_method`` ("closed_form" or "empirical_<draws>"), ``hardness``, ``softmax_gap`` (nats, see
     :func:`softmax_gap`, with ``softmax_negatives`` negatives over 10 draws on the TV probe queries;
-    None for samplers whose log q is only conditional on shared candidates), plus its settings."""
+    None for samplers whose log q is only conditional on shared candidates), plus its settings.
+
+    ``overrides`` (``sampler.KEY=VALUE``) change the samplers' settings, not the trained model.
+    """
     from annsample.run import load_model, load_run
     from annsample.train import build_sampler, make_index_refresher, prepare_data
 
-    config, checkpoint = load_run(run_dir)
+    for text in overrides:
+        if not text.strip().startswith("sampler."):
+            raise ConfigError(
+                f"--set {text!r}: bench samplers only changes sampler settings; use a "
+                "sampler.KEY=VALUE override, e.g. --set sampler.candidates=1000"
+            )
+    config, checkpoint = load_run(run_dir, overrides)
     device = torch.device("cpu")
     prepared = prepare_data(config)
     model = load_model(config, checkpoint, prepared.n_items, device)

@@ -12,8 +12,9 @@ from annsample.errors import RunError
 from annsample.model import SASRec
 
 
-def load_run(run_dir: str | Path) -> tuple[RunConfig, Path]:
-    """The resolved config of a run folder and the path of its best checkpoint."""
+def load_run(run_dir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[RunConfig, Path]:
+    """The resolved config of a run folder (plus ``KEY=VALUE`` overrides) and the path of its best
+    checkpoint."""
     run = Path(run_dir)
     if not run.is_dir():
         raise RunError(
@@ -25,7 +26,7 @@ def load_run(run_dir: str | Path) -> tuple[RunConfig, Path]:
             raise RunError(
                 f"run folder {run} has no {path.name}; it is not a finished training run"
             )
-    return load_config(config_path), checkpoint
+    return load_config(config_path, overrides), checkpoint
 
 
 def run_config_path(run_dir: str | Path) -> Path:

@@ -286,6 +286,13 @@ def bench() -> None:
     show_default=True,
     help="Negatives per query for the sampled-softmax gap.",
 )
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Sampler setting to change, e.g. --set sampler.candidates=1000 (repeatable).",
+)
 @_user_errors
 def bench_samplers_command(
     run_dir: Path,
@@ -296,6 +303,7 @@ def bench_samplers_command(
     draws: int,
     repeats: int,
     softmax_negatives: int,
+    overrides: tuple[str, ...],
 ) -> None:
     """Speed, TV distance to exact GenNi, hardness, and sampled-softmax gap of each sampler on a
     trained run."""
@@ -310,6 +318,7 @@ def bench_samplers_command(
         draws,
         repeats,
         softmax_negatives=softmax_negatives,
+        overrides=overrides,
     )
     click.echo(records_table(records), nl=False)
     if json_path is not None:

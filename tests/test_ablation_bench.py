@@ -81,6 +81,23 @@ def test_bench_samplers_records(tiny_run):
     assert by_name["exact"]["hardness"] > by_name["uniform"]["hardness"]
 
 
+def test_bench_samplers_overrides_change_the_sampler_not_the_model(tiny_run):
+    (record,) = bench_samplers(
+        tiny_run,
+        samplers=("ann",),
+        queries=8,
+        tv_queries=2,
+        draws=200,
+        repeats=1,
+        show_progress=False,
+        overrides=("sampler.candidates=50", "sampler.tail_samples=32"),
+    )
+    assert (record["candidates"], record["tail_samples"]) == (50, 32)
+    assert record["tv_to_exact"] > 1e-3  # 50 of 3,354 items: no longer exact GenNi
+    with pytest.raises(ConfigError, match="only changes sampler settings"):
+        bench_samplers(tiny_run, samplers=("ann",), overrides=("model.hidden_size=8",))
+
+
 def test_bench_stall_runs_three_modes(tmp_path):
     from annsample.bench_stall import bench_stall, stall_table
 

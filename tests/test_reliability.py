@@ -147,6 +147,7 @@ CASES = [
     Case("flag-choice", "`evaluate --stage train`", ("evaluate", "{tmp}", "--stage", "train"), "Invalid value for '--stage'"),
     Case("flag-int", "`bench samplers --queries abc`", ("bench", "samplers", "{tmp}", "--queries", "abc"), "is not a valid integer"),
     Case("flag-range", "`bench samplers --repeats 0`", ("bench", "samplers", "{tmp}", "--repeats", "0"), "is not in the range x>=1"),
+    Case("bench-set-model", "`bench samplers --set` on a model key", ("bench", "samplers", "{tmp}", "--set", "model.hidden_size=8"), "only changes sampler settings"),
     Case("flag-missing-argument", "`evaluate` without RUN_DIR", ("evaluate",), "Missing argument 'RUN_DIR'"),
     Case("flag-command", "an unknown command", ("frobnicate",), "No such command"),
     Case("flag-json-folder", "`--json` into a missing folder", ("evaluate", "{tmp}", "--json", "{tmp}/no/x.json"), "folder {tmp}/no does not exist"),
