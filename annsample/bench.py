@@ -119,7 +119,7 @@ def bench_samplers(
 ) -> list[dict]:
     """One record per sampler: ``sampler``, ``catalog_size``, ``ms_per_256_queries``, ``tv_to_exact``,
     ``tv_method`` ("closed_form" or "empirical_<draws>"), ``hardness``, ``softmax_gap`` (nats, see
-    :func:`softmax_gap`, with ``softmax_negatives`` negatives over 10 draws on the TV probe queries;
+    :func:`softmax_gap`, with ``softmax_negatives`` negatives over 50 draws on the TV probe queries;
     None for samplers whose log q is only conditional on shared candidates), plus its settings.
 
     ``overrides`` (``sampler.KEY=VALUE``) change the samplers' settings, not the trained model.
@@ -213,7 +213,7 @@ def bench_samplers(
         ids = sampler.sample(h[probe], items, probe_ex, 64, generator).ids
         gap = None
         if sampler.exact_log_q:
-            gap = softmax_gap(sampler, h[probe], items, probe_ex, softmax_negatives, 10, generator)
+            gap = softmax_gap(sampler, h[probe], items, probe_ex, softmax_negatives, 50, generator)
         record = {
             "sampler": name,
             "catalog_size": split.n_items,
