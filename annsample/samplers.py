@@ -631,9 +631,11 @@ class AnnSampler:
         log_w = torch.logsumexp(logits.double(), dim=1).masked_fill(~has_candidate, 0.0)
         p_cand = (logits[:, :K].double() - log_w[:, None]).exp()  # 0 on blocked candidates
         p = _slot_mass(ids, slots[:, :K], p_cand)
-        scores = self.alpha * torch.einsum("pd,pkd->pk", queries, item_embeddings[ids]).double()
-        outside = (p == 0) & has_candidate[:, None]
-        p = torch.where(outside, (scores - log_w[:, None]).exp(), p)
+        # scores only where needed, for the draws outside the candidates (a (P, k, d) gather of
+        # every draw would double the memory traffic of the loss at k = 128)
+        rows, cols = ((p == 0) & has_candidate[:, None]).nonzero(as_tuple=True)
+        scores = (queries[rows] * item_embeddings[ids[rows, cols]]).sum(dim=1).double()
+        p = p.index_put((rows, cols), (self.alpha * scores - log_w[rows]).exp())
         q = (1.0 - eps[:, None]) * p + eps[:, None] / exclusions.n_allowed[:, None].double()
         return torch.log(q).float()
 
