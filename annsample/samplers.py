@@ -11,6 +11,7 @@ allowed items (GenNi), exactly or through a proposal whose probabilities are kno
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -442,6 +443,8 @@ def _draw_from_candidates(
     k: int,
     generator: torch.Generator,
     epsilon: float | torch.Tensor = 0.0,
+    tail: int = 0,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Negatives:
     """Draw k ids per row from the mixture (1-ε)·softmax(logits) over candidates + ε·uniform(allowed).
 
@@ -449,8 +452,15 @@ def _draw_from_candidates(
         logits: (P, M) α-scaled scores with -inf on excluded or missing candidates.
         candidates: (P, M) int64 candidate ids (a repeated id's slots add up).
         epsilon: uniform mass, a float or (P,) per row; rows with no usable candidate use ε = 1.
+        tail: the last ``tail`` slots are a random uniform tail whose logits carry the weight
+            log(n_tail / M'), standing in for every item outside the first M - tail slots. Those
+            items then get the mass the proposal gives them averaged over tail draws (to first
+            order in M' / N), exp(α·s_u) / W with W the slot normaliser, rather than the mass given
+            this draw, which would count each tail item once and make Σ exp(α·s_j) / q_j miss the
+            mass outside the candidates.
+        score: with ``tail``, ``score(rows, ids)`` -> the α-scaled scores of those (row, id) pairs.
     Returns:
-        ids (P, k) and the exact log probability of each id under that mixture.
+        ids (P, k) and the log probability of each id under that mixture: exact without a tail.
     """
     P, M = logits.shape
     has_candidate = torch.isfinite(logits).any(dim=1)
@@ -467,9 +477,15 @@ def _draw_from_candidates(
         uniform_ids = exclusions.rank_to_item(_uniform_int(exclusions.n_allowed, k, generator))
         ids = torch.where(use_uniform, uniform_ids, ids)
     # probability of each drawn id under the mixture: look the id up among the candidates
-    p_slot = torch.softmax(safe_logits.double(), dim=1).masked_fill(~torch.isfinite(logits), 0.0)
-    p_cand = _slot_mass(ids, candidates, p_slot)
-    q = (1.0 - eps[:, None]) * p_cand + eps[:, None] / n_allowed[:, None]
+    log_w = torch.logsumexp(safe_logits.double(), dim=1)  # (P,) log of the slot normaliser W
+    p_slot = (safe_logits.double() - log_w[:, None]).exp().masked_fill(~torch.isfinite(logits), 0.0)
+    p = _slot_mass(ids, candidates[:, : M - tail], p_slot[:, : M - tail])
+    if tail:
+        # scores only for the draws outside the candidates (a (P, k, d) gather of every draw
+        # would double the memory traffic of the loss at k = 128)
+        rows, cols = ((p == 0) & has_candidate[:, None]).nonzero(as_tuple=True)
+        p = p.index_put((rows, cols), (score(rows, ids[rows, cols]).double() - log_w[rows]).exp())
+    q = (1.0 - eps[:, None]) * p + eps[:, None] / n_allowed[:, None]
     return Negatives(ids, torch.log(q).float())
 
 
@@ -605,39 +621,13 @@ class AnnSampler:
         logits, slots, eps = self._proposal(
             queries, item_embeddings, exclusions, sequence_queries, generator
         )
-        out = _draw_from_candidates(logits, slots, exclusions, k, generator, eps)
-        if not self.tail_samples:
-            return out
-        return Negatives(
-            out.ids,
-            self._marginal_log_q(queries, item_embeddings, exclusions, logits, slots, out.ids),
+
+        def score(rows, ids):
+            return self.alpha * (queries[rows] * item_embeddings[ids]).sum(dim=1)
+
+        return _draw_from_candidates(
+            logits, slots, exclusions, k, generator, eps, self.tail_samples, score
         )
-
-    def _marginal_log_q(self, queries, item_embeddings, exclusions, logits, slots, ids):
-        """log q of ``ids`` under the proposal averaged over tail draws, to first order in M / N.
-
-        Given one tail draw, an item outside the candidates has mass only if the draw holds it,
-        and then n_tail / M' times its GenNi weight: a logQ correction with that conditional q
-        counts the tail items once each, so the sampled softmax misses nearly all the mass
-        outside the candidates. Averaged over tail draws, every non-candidate item u has mass
-        exp(α·s_u) / W, W the slot normaliser (itself an unbiased estimate of the partition
-        function), and every candidate exp(α·s_c) / W: with these, the corrected negatives
-        estimate the partition function as candidates exactly plus the tail's importance-weighted
-        estimate of the rest.
-        """
-        K = slots.shape[1] - self.tail_samples
-        has_candidate = torch.isfinite(logits).any(dim=1)
-        eps = torch.where(has_candidate, torch.tensor(self.epsilon, dtype=torch.float64), 1.0)
-        log_w = torch.logsumexp(logits.double(), dim=1).masked_fill(~has_candidate, 0.0)
-        p_cand = (logits[:, :K].double() - log_w[:, None]).exp()  # 0 on blocked candidates
-        p = _slot_mass(ids, slots[:, :K], p_cand)
-        # scores only where needed, for the draws outside the candidates (a (P, k, d) gather of
-        # every draw would double the memory traffic of the loss at k = 128)
-        rows, cols = ((p == 0) & has_candidate[:, None]).nonzero(as_tuple=True)
-        scores = (queries[rows] * item_embeddings[ids[rows, cols]]).sum(dim=1).double()
-        p = p.index_put((rows, cols), (self.alpha * scores - log_w[rows]).exp())
-        q = (1.0 - eps[:, None]) * p + eps[:, None] / exclusions.n_allowed[:, None].double()
-        return torch.log(q).float()
 
     def probabilities(
         self, queries, item_embeddings, exclusions, sequence_queries=None, generator=None
