@@ -134,7 +134,7 @@ def _rao_blackwell(
     fixed_log_mass: torch.Tensor,
     scores: torch.Tensor,
     allowed_outside: torch.Tensor,
-    draw_log_w: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    draw_log_w: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
     shared: int,
     draws: int,
     generator: torch.Generator,
@@ -146,25 +146,27 @@ def _rao_blackwell(
             -inf for the pool).
         scores: (Q, N+1) float64 α-scaled scores.
         allowed_outside: (Q, N+1) bool, items that can only be reached through the shared draw.
-        draw_log_w: shared ids (M,) -> (log W (Q,), log c (Q,)): the slot normaliser of that draw and
-            the log weight each usable drawn item's slot carries.
+        draw_log_w: (shared ids (m,), extra) -> (log W (Q,), log c (Q,)): the draw's slot mass and
+            the log weight of each usable drawn item's slot when ``extra`` more usable items
+            (the item whose mass is computed) join the draw.
         shared: M, the size of the shared draw (items 1..N, with replacement).
 
     Returns:
-        mean over draws of 1/W (Q,) and of the per-item mass (Q, N+1) float64 (only meaningful on
-        ``allowed_outside``): P(item drawn) · E[c e^s / (W + c e^s)].
+        mean over draws of 1/W (Q,) for the full draw, and the per-item mass (Q, N+1) float64
+        (only meaningful on ``allowed_outside``): P(item drawn) · E[c e^s / (W' + c e^s)], W' the
+        mass of the other M - 1 draws. An item drawn twice (probability O(M²/N²)) is ignored.
     """
     n_items = scores.shape[1] - 1
     inv_w = torch.zeros(scores.shape[0], dtype=torch.float64, device=scores.device)
     outside = torch.zeros_like(scores)
     for _ in range(draws):
         ids = torch.randint(1, n_items + 1, (shared,), generator=generator, device=scores.device)
-        log_w, log_c = draw_log_w(ids)
-        log_w = torch.logaddexp(log_w, fixed_log_mass)
-        inv_w += torch.exp(-log_w)
-        # c e^s / (W + c e^s), W from a draw without the item (its inclusion is O(M/N) rarer)
-        outside += torch.sigmoid(scores + (log_c - log_w)[:, None])
-    outside *= min(1.0, shared / n_items) / draws
+        log_w, _ = draw_log_w(ids, 0)
+        inv_w += torch.exp(-torch.logaddexp(log_w, fixed_log_mass))
+        others, log_c = draw_log_w(ids[1:], 1)
+        others = torch.logaddexp(others, fixed_log_mass)
+        outside += torch.sigmoid(scores + (log_c - others)[:, None])
+    outside *= -math.expm1(shared * math.log1p(-1.0 / n_items)) / draws  # P(drawn at least once)
     return inv_w / draws, outside.masked_fill(~allowed_outside, 0.0)
 
 
@@ -199,9 +201,9 @@ def ann_marginal(
     n_tail = (exclusions.n_allowed - usable.sum(dim=1)).clamp(min=0).double()  # (Q,)
     fixed = torch.logsumexp(logits.double(), dim=1)  # (Q,) -inf without candidates
 
-    def draw_log_w(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seen = outside[:, ids]  # (Q, M) drawn items that may use a tail slot
-        log_c = torch.log(n_tail / seen.sum(dim=1).clamp(min=1).double())
+    def draw_log_w(ids: torch.Tensor, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seen = outside[:, ids]  # (Q, m) drawn items that may use a tail slot
+        log_c = torch.log(n_tail / (seen.sum(dim=1) + extra).clamp(min=1).double())
         tail = (scores[:, ids] + log_c[:, None]).masked_fill(~seen, float("-inf"))
         return torch.logsumexp(tail, dim=1), log_c
 
@@ -233,7 +235,7 @@ def pool_marginal(
     no_fixed = torch.full((Q,), float("-inf"), dtype=torch.float64, device=xq.device)
     zero = torch.zeros(Q, dtype=torch.float64, device=xq.device)
 
-    def draw_log_w(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw_log_w(ids: torch.Tensor, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
         pooled = scores[:, ids].masked_fill(~allowed[:, ids], float("-inf"))
         return torch.logsumexp(pooled, dim=1), zero
 
@@ -345,8 +347,14 @@ def bench_step(
                 f"--set {text!r}: bench step sets the sampler and the catalog itself; use "
                 "--sampler NAME and --catalog-size N instead"
             )
+    # validated as an ann run, the sampler that reads the most settings; each sampler below
+    # replaces the name
     config = load_config(
-        None, catalog_overrides(n_items) + tuple(overrides) + (f"train.device={device}",)
+        None,
+        catalog_overrides(n_items)
+        + ("sampler.name=ann",)
+        + tuple(overrides)
+        + (f"train.device={device}",),
     )
     if config.loss.name == "full_ce":
         raise ConfigError("bench step times negative samplers; loss.name=full_ce samples none")
@@ -466,11 +474,12 @@ def bench_step(
             refresher.build(
                 items[1:].contiguous(), step=0, ids=torch.arange(1, split.n_items + 1, device=dev)
             )
+            index = refresher.current()
             extra.update(
-                nlist=ic.nlist,
-                nprobe=ic.nprobe,
+                nlist=index.nlist,
+                nprobe=index.nprobe,
                 metric=ic.metric,
-                backend=refresher.current().backend,
+                backend=index.backend,
                 candidates=settings.candidates,
                 epsilon=settings.epsilon,
                 tail_samples=settings.tail_samples,
