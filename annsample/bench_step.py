@@ -26,11 +26,13 @@ Hardness is the expected share of allowed items scoring below a drawn negative; 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -299,6 +301,7 @@ def bench_step(
     softmax_negatives: int = 128,
     seed: int = 0,
     show_progress: bool = True,
+    save_probe: str | Path | None = None,
 ) -> list[dict]:
     """One record per sampler, timed inside the training step on the same batches and model state.
 
@@ -319,6 +322,8 @@ def bench_step(
         max_seconds: a sampler stops after this many seconds of timed steps once it has done
             ``min_steps`` (exact GenNi at 1M takes seconds per step).
         softmax_negatives: negatives per query for the softmax gap.
+        save_probe: also write the warmed-up item table (N+1, d) and the probe hidden states
+            (Q, d) there (``torch.save`` of a dict), e.g. for ``annsample bench index``.
 
     Returns:
         Records with ``sampler, catalog_size, step_ms, sampler_ms, sampler_share,
@@ -434,6 +439,8 @@ def bench_step(
     # probe queries and the exact reference on the warmed-up model
     h, items, probe_ex = _probe(model, prepared, config, probe_queries, seed, dev)
     alpha = config.sampler.alpha
+    if save_probe is not None:
+        torch.save({"item_embeddings": items.cpu(), "queries": h.cpu()}, save_probe)
     exact_p = genni_log_probs(h, items, probe_ex, alpha).exp()  # (Q, N+1) float64
     shares = allowed_percentiles(h, items, probe_ex)  # (Q, N+1) float64
     exact_hardness = float((exact_p * shares).sum(1).mean())
@@ -566,6 +573,10 @@ def _quality(
 ) -> dict[str, Any]:
     """TV to exact GenNi, hardness and softmax gap of ``sampler`` on the probe queries."""
     generator = torch.Generator(device=dev).manual_seed(seed + 11)
+    if isinstance(sampler, AnnSampler) and sampler.query == "sequence":
+        # each probe is one sequence's last state, so both query modes see the same candidates
+        sampler = copy.copy(sampler)
+        sampler.query = "position"
     floor = None
     mass_error = None
     if isinstance(sampler, AnnSampler):

@@ -405,6 +405,19 @@ def bench_stall_command(
     help="Stop a sampler's timed steps after this long (once it has 3 steps).",
 )
 @click.option(
+    "--exact-draws",
+    default=10_000,
+    show_default=True,
+    type=click.IntRange(min=100),
+    help="Draws per probe query for exact GenNi's empirical TV.",
+)
+@click.option(
+    "--save-probe",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also save the warmed-up item table and probe queries (torch.save) for bench index.",
+)
+@click.option(
     "--probe-queries",
     default=32,
     show_default=True,
@@ -433,6 +446,8 @@ def bench_step_command(
     warmup_steps: int,
     device: str,
     max_seconds: float,
+    exact_draws: int,
+    save_probe: Path | None,
     probe_queries: int,
     overrides: tuple[str, ...],
     json_path: Path,
@@ -443,6 +458,7 @@ def bench_step_command(
     from annsample.synthetic import parse_size
 
     _check_writable(json_path, "--json")
+    _check_writable(save_probe, "--save-probe")
     records = bench_step(
         parse_size(catalog_size),
         samplers or STEP_SAMPLERS,
@@ -452,6 +468,8 @@ def bench_step_command(
         overrides=overrides,
         probe_queries=probe_queries,
         max_seconds=max_seconds,
+        exact_draws=exact_draws,
+        save_probe=save_probe,
     )
     click.echo(step_table(records), nl=False)
     json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
