@@ -475,6 +475,59 @@ def bench_step_command(
     json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
 
 
+@bench.command("index")
+@click.argument("probe_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--k", "k", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--nlist", "nlists", multiple=True, type=click.IntRange(min=1), help="Repeatable.")
+@click.option("--nprobe", "nprobes", multiple=True, type=click.IntRange(min=1), help="Repeatable.")
+@click.option(
+    "--metric",
+    "metrics",
+    multiple=True,
+    type=click.Choice(["ip", "l2_augmented", "cosine"]),
+    help="ivf_flat metrics (repeatable; default ip).",
+)
+@click.option(
+    "--kind",
+    "kinds",
+    multiple=True,
+    type=click.Choice(["ivf_flat", "ivf_hnsw", "hnsw"]),
+    help="Index kinds (repeatable; default ivf_flat).",
+)
+@click.option("--ef-search", "ef_searches", multiple=True, type=click.IntRange(min=1))
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_user_errors
+def bench_index_command(
+    probe_file: Path,
+    k: int,
+    nlists: tuple[int, ...],
+    nprobes: tuple[int, ...],
+    metrics: tuple[str, ...],
+    kinds: tuple[str, ...],
+    ef_searches: tuple[int, ...],
+    json_path: Path | None,
+) -> None:
+    """Recall@k against search ms of index configurations, on the item table and probe queries
+    saved by bench step --save-probe."""
+    from annsample.bench_index import index_sweep, load_probe, sweep_table
+
+    _check_writable(json_path, "--json")
+    xq, xb = load_probe(probe_file)
+    records = index_sweep(
+        xq,
+        xb,
+        k,
+        nlists=nlists or (1000,),
+        nprobes=nprobes or (8, 16, 32, 64),
+        metrics=metrics or ("ip",),
+        kinds=kinds or ("ivf_flat",),
+        ef_searches=ef_searches or (256, 512),
+    )
+    click.echo(sweep_table(records), nl=False)
+    if json_path is not None:
+        json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+
+
 def _format_metrics(stage: str, metrics: dict[str, float]) -> str:
     return f"{stage}: " + "  ".join(f"{key} {value:.4f}" for key, value in metrics.items())
 

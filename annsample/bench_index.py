@@ -1,0 +1,186 @@
+"""Index recall against search cost, on a trained item table: the table that chooses the index.
+
+For probe queries xq (Q, d) over an item table xb (N, d), every configuration reports recall@k
+against :func:`annsample.index.exact_topk` and the search milliseconds per 256 queries (one batch
+of sequence queries), plus what it costs to build and to refresh:
+
+- ``ivf_flat``: the product's :class:`annsample.index.ItemIndex` (FAISS IVF-Flat) for each nlist
+  and metric, built once and searched at every nprobe; ``re_add_seconds`` is one cheap refresh.
+- ``ivf_hnsw``: IVF-Flat whose coarse quantiser is an HNSW graph over the centroids (FAISS
+  ``IndexHNSWFlat``), so large nlist stays cheap to probe and to assign.
+- ``hnsw``: FAISS ``IndexHNSWFlat`` over all items, at each efSearch (no lists; a refresh is a
+  rebuild).
+
+Inner products throughout (``METRIC_INNER_PRODUCT``); recall of ids, not of scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from annsample.errors import ConfigError
+from annsample.index import ItemIndex, exact_topk, recall_at_k
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("ivf_flat", "ivf_hnsw", "hnsw")
+
+
+def _search_ms(search, xq: torch.Tensor, k: int, repeats: int) -> tuple[float, torch.Tensor]:
+    """Median ms of ``search(xq, k)`` scaled to 256 queries, and the ids it returned."""
+    _, I = search(xq, k)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _, I = search(xq, k)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1000.0 * 256 / xq.shape[0], I
+
+
+def _faiss_search(index: Any):
+    def search(xq: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        D, I = index.search(xq.contiguous().numpy(), k)
+        return torch.from_numpy(D), torch.from_numpy(I)
+
+    return search
+
+
+def index_sweep(
+    xq: torch.Tensor,
+    xb: torch.Tensor,
+    k: int,
+    nlists: tuple[int, ...] = (1000,),
+    nprobes: tuple[int, ...] = (8, 16, 32, 64),
+    metrics: tuple[str, ...] = ("ip",),
+    kinds: tuple[str, ...] = ("ivf_flat",),
+    ef_searches: tuple[int, ...] = (256, 512),
+    hnsw_m: int = 32,
+    repeats: int = 3,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> list[dict]:
+    """Recall@k and search cost of each index configuration.
+
+    Args:
+        xq: (Q, d) float32 probe queries (e.g. hidden states of validation users).
+        xb: (N, d) float32 item table without its padding row; result ids are row numbers.
+        k: results per query (the ann sampler's candidates K).
+        nlists, nprobes, metrics: the IVF grid (``metrics`` only for ``ivf_flat``: the
+            :class:`ItemIndex` metrics); nprobe values above nlist are skipped.
+        kinds: any of :data:`KINDS`.
+        ef_searches: HNSW search breadth (``hnsw``; and the coarse quantiser's for ``ivf_hnsw``).
+        hnsw_m: HNSW graph degree.
+
+    Returns:
+        One record per configuration: ``kind, nlist, nprobe, metric, ef_search, recall, search_ms``
+        (per 256 queries, median of ``repeats``), ``build_seconds`` and, for ivf_flat,
+        ``re_add_seconds``.
+    """
+    bad = sorted(set(kinds) - set(KINDS))
+    if bad:
+        raise ConfigError(f"unknown index kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}")
+    xq, xb = xq.float().contiguous(), xb.float().contiguous()
+    n, d = xb.shape
+    if not 1 <= k <= n:
+        raise ConfigError(f"k={k} must be between 1 and the number of items {n}")
+    _, I_exact = exact_topk(xq, xb, k)
+    records: list[dict] = []
+
+    def record(**values: Any) -> None:
+        values.update(catalog_size=n, k=k, queries=xq.shape[0], threads=torch.get_num_threads())
+        logger.info("%s", values)
+        records.append(values)
+
+    jobs = [
+        ("ivf_flat", nlist, metric) for nlist in nlists for metric in metrics if "ivf_flat" in kinds
+    ]
+    jobs += [("ivf_hnsw", nlist, "ip") for nlist in nlists if "ivf_hnsw" in kinds]
+    jobs += [("hnsw", 0, "ip")] if "hnsw" in kinds else []
+    for kind, nlist, metric in tqdm(jobs, desc="index configs", disable=not show_progress):
+        if nlist > n:
+            raise ConfigError(f"nlist={nlist} is more than the {n} items; lower it")
+        t0 = time.perf_counter()
+        if kind == "ivf_flat":
+            index = ItemIndex(d, nlist=nlist, nprobe=1, backend="faiss", metric=metric, seed=seed)
+            index.build(xb)
+            build = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            index.re_add(xb, step=1)
+            re_add = time.perf_counter() - t0
+            for nprobe in (p for p in nprobes if p <= nlist):
+                index.nprobe = nprobe
+                ms, I = _search_ms(index.search, xq, k, repeats)
+                record(
+                    kind=kind, nlist=nlist, nprobe=nprobe, metric=metric, ef_search=None,
+                    recall=round(recall_at_k(I, I_exact), 4), search_ms=round(ms, 3),
+                    build_seconds=round(build, 3), re_add_seconds=round(re_add, 3),
+                )  # fmt: skip
+        elif kind == "ivf_hnsw":
+            quantizer = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(seed)
+            train = xb.numpy()[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
+            ivf.train(train)
+            ivf.add(xb.numpy())
+            build = time.perf_counter() - t0
+            for ef in ef_searches:
+                quantizer.hnsw.efSearch = ef
+                for nprobe in (p for p in nprobes if p <= nlist):
+                    ivf.nprobe = nprobe
+                    ms, I = _search_ms(_faiss_search(ivf), xq, k, repeats)
+                    record(
+                        kind=kind, nlist=nlist, nprobe=nprobe, metric=metric, ef_search=ef,
+                        recall=round(recall_at_k(I, I_exact), 4), search_ms=round(ms, 3),
+                        build_seconds=round(build, 3),
+                    )  # fmt: skip
+        else:
+            hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            hnsw.add(xb.numpy())
+            build = time.perf_counter() - t0
+            for ef in ef_searches:
+                hnsw.hnsw.efSearch = max(ef, k)
+                ms, I = _search_ms(_faiss_search(hnsw), xq, k, repeats)
+                record(
+                    kind=kind, nlist=None, nprobe=None, metric=metric, ef_search=max(ef, k),
+                    recall=round(recall_at_k(I, I_exact), 4), search_ms=round(ms, 3),
+                    build_seconds=round(build, 3),
+                )  # fmt: skip
+    return records
+
+
+def load_probe(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe queries (Q, d) and item table without padding (N, d) from ``bench step --save-probe``."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return state["queries"].float(), state["item_embeddings"][1:].float()
+    except Exception as error:  # missing, torn, not a torch file, or not a probe dict
+        reason = " ".join(str(error).split())[:200]
+        raise ConfigError(
+            f"cannot read probe file {path} ({type(error).__name__}: {reason}); write one with "
+            "annsample bench step --save-probe FILE"
+        ) from None
+
+
+def sweep_table(records: list[dict]) -> str:
+    """Markdown table of :func:`index_sweep` records."""
+    lines = [
+        "| kind | nlist | nprobe | metric | efSearch | recall@k | search ms / 256 q | build s "
+        "| re_add s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in records:
+        cells = [
+            r["kind"], r["nlist"], r["nprobe"], r["metric"], r["ef_search"],
+            f"{r['recall']:.3f}", f"{r['search_ms']:.1f}", f"{r['build_seconds']:.1f}",
+            r.get("re_add_seconds"),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
