@@ -302,6 +302,7 @@ def bench_step(
     seed: int = 0,
     show_progress: bool = True,
     save_probe: str | Path | None = None,
+    profile: bool = False,
 ) -> list[dict]:
     """One record per sampler, timed inside the training step on the same batches and model state.
 
@@ -324,6 +325,8 @@ def bench_step(
         softmax_negatives: negatives per query for the softmax gap.
         save_probe: also write the warmed-up item table (N+1, d) and the probe hidden states
             (Q, d) there (``torch.save`` of a dict), e.g. for ``annsample bench index``.
+        profile: after the ann sampler's timed steps, run 3 more under ``torch.profiler`` and
+            add its 12 most expensive operators (self CPU ms per step) to the ann record.
 
     Returns:
         Records with ``sampler, catalog_size, step_ms, sampler_ms, sampler_share,
@@ -517,6 +520,13 @@ def bench_step(
             if len(rows) >= min_steps and time.perf_counter() - started > max_seconds:
                 break
         bar.close()
+        if profile and name == "ann":
+            extra["profile"] = _profile(
+                lambda i, s=timed, g=generator: train_step(
+                    timed_batches[i % len(timed_batches)], s, warmup_steps + i, g
+                ),
+                3,
+            )
         median = {key: float(np.median([r[key] for r in rows])) * 1000.0 for key in rows[0]}
         record = {
             "sampler": name,
@@ -555,6 +565,29 @@ def bench_step(
         for record in records:
             record["ratio_to_uniform"] = round(record["step_ms"] / base, 4)
     return records
+
+
+def _profile(step: Callable[[int], Any], steps: int) -> list[dict]:
+    """The 12 operators with the most self CPU time over ``steps`` calls of ``step(i)``, per step."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for i in range(steps):
+            step(i)
+    averages = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    logger.info(
+        "ann step profile:\n%s",
+        prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15),
+    )
+    return [
+        {
+            "op": event.key,
+            "self_ms_per_step": round(event.self_cpu_time_total / 1000.0 / steps, 2),
+            "calls_per_step": event.count / steps,
+        }
+        for event in averages[:12]
+    ]
 
 
 def _clone_state(state: Any) -> Any:

@@ -418,6 +418,9 @@ def bench_stall_command(
     help="Also save the warmed-up item table and probe queries (torch.save) for bench index.",
 )
 @click.option(
+    "--profile", is_flag=True, help="Profile 3 extra ann steps (torch.profiler) into its record."
+)
+@click.option(
     "--probe-queries",
     default=32,
     show_default=True,
@@ -448,6 +451,7 @@ def bench_step_command(
     max_seconds: float,
     exact_draws: int,
     save_probe: Path | None,
+    profile: bool,
     probe_queries: int,
     overrides: tuple[str, ...],
     json_path: Path,
@@ -470,6 +474,7 @@ def bench_step_command(
         max_seconds=max_seconds,
         exact_draws=exact_draws,
         save_probe=save_probe,
+        profile=profile,
     )
     click.echo(step_table(records), nl=False)
     json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")

@@ -153,6 +153,7 @@ ARGS = [
     "sampler.tail_samples=64",
     "--set",
     "sampler.query=sequence",
+    "--profile",
 ]
 
 
@@ -189,6 +190,7 @@ def test_bench_step_command_writes_one_record_per_sampler(tmp_path):
     assert ann["search_ms"] <= ann["sampler_ms"]
     assert (ann["nlist"], ann["tail_samples"], ann["query"]) == (64, 64, "sequence")
     assert by_name["pool@ann_cost"]["pool_size"] >= 1
+    assert ann["profile"] and all(op["self_ms_per_step"] >= 0 for op in ann["profile"])
 
 
 def test_bench_step_refuses_settings_it_owns():
