@@ -309,8 +309,8 @@ def bench_step(
     Args:
         n_items: synthetic catalog size N (the settings of ``annsample train --catalog-size N``).
         samplers: names from :data:`STEP_SAMPLERS`; with both ``pool`` and ``ann`` an extra
-            ``pool@ann_cost`` record runs the pool sampler with the pool size that matches the ann
-            sampler's measured cost.
+            ``pool@ann_cost`` record runs the pool sampler with the pool size whose sample call
+            takes the ann sampler's measured milliseconds (calibrated on one batch).
         steps: timed steps per sampler (None: :func:`default_steps`).
         warmup_steps: uniform-negative training steps before any sampler is timed.
         device: "cpu", "cuda" or "auto".
@@ -420,6 +420,42 @@ def bench_step(
             "loss": float(loss.detach()),
         }
 
+    def _pool_size_at(target_ms: float, batch: torch.Tensor, n: int) -> int:
+        """The pool size whose sample call on ``batch``'s positions takes ``target_ms``: pool
+        sizes doubling from 250, median of 3 calls each, interpolated in log-log (pool cost is
+        not linear in its size: the (P, M) softmax, sort and exclusion look-ups grow faster)."""
+        from annsample.train import batch_exclusions
+
+        width = int(lengths[batch].max())
+        seq, tgt = inputs[batch, -width:].to(dev), targets[batch, -width:].to(dev)
+        with torch.no_grad():
+            h = model.encode(seq)
+        mask = tgt > 0
+        users = prepared.train_users[batch.numpy()]
+        ex = batch_exclusions(
+            prepared, users, mask.nonzero()[:, 0], tgt[mask], config.sampler.exclude_history, dev
+        )
+        g = torch.Generator(device=dev).manual_seed(seed)
+        points: list[tuple[int, float]] = []
+        size = 250
+        while True:
+            pool = PoolSampler(alpha=config.sampler.alpha, pool_size=size)
+            watch = _Stopwatch(dev)
+            times = []
+            for _ in range(3):
+                watch.seconds = 0.0
+                watch.time(pool.sample, h[mask], model.item_embeddings.detach(), ex, k, g)
+                times.append(watch.seconds * 1000.0)
+            points.append((size, float(np.median(times))))
+            if points[-1][1] >= target_ms or size >= n:
+                break
+            size = min(n, size * 2)
+        if len(points) == 1 or points[-1][1] < target_ms:
+            return points[-1][0] if points[-1][1] < target_ms else points[0][0]
+        (m0, t0), (m1, t1) = points[-2], points[-1]
+        slope = math.log(m1 / m0) / max(math.log(t1 / max(t0, 1e-9)), 1e-9)
+        return int(min(n, max(1, round(m0 * (target_ms / max(t0, 1e-9)) ** slope))))
+
     t_warm = time.perf_counter()
     generator = torch.Generator(device=dev).manual_seed(seed + 1)
     warm_losses = []
@@ -467,9 +503,8 @@ def bench_step(
             settings = replace(settings, pool_size=min(settings.pool_size, 100))
             extra["candidates"] = settings.pool_size
         elif name == POOL_AT_ANN_COST:
-            pool, ann = by_name["pool"], by_name["ann"]
-            size = settings.pool_size * ann["sampler_ms"] / max(pool["sampler_ms"], 1e-6)
-            settings = replace(settings, pool_size=int(min(split.n_items, max(1, round(size)))))
+            size = _pool_size_at(by_name["ann"]["sampler_ms"], timed_batches[0], split.n_items)
+            settings = replace(settings, pool_size=size)
         if name in ("pool", POOL_AT_ANN_COST):
             extra["pool_size"] = settings.pool_size
         elif name == "popularity":
