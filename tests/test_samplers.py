@@ -384,3 +384,25 @@ def test_ann_tail_marginal_approaches_exact_genni(problem):
     tv_tail = float(0.5 * (marginal - exact).abs().sum(1).mean())
     tv_fixed = float(0.5 * (fixed.double() - exact).abs().sum(1).mean())
     assert tv_tail < 0.1 < tv_fixed
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_ann_sequence_logits_match_the_per_position_path(problem, permute):
+    queries, items, exclusions = problem
+    if permute:  # positions need not come grouped by sequence
+        order = torch.tensor([4, 0, 5, 2, 1, 3])
+        queries = queries[order]
+        exclusions = Exclusions(
+            exclusions.history[:, :5], exclusions.row[order], exclusions.positives[order], N
+        )
+    index = BruteForceIndex(items[1:], torch.arange(1, N + 1))
+    sampler = AnnSampler(index, candidates=10, alpha=1.5, query="sequence")
+    sequence_queries = torch.randn(3, D, generator=torch.Generator().manual_seed(5))
+    logits, candidates = sampler._logits(queries, items, exclusions, sequence_queries)
+    reference_ids = sampler.candidate_ids(queries, exclusions, sequence_queries)
+    blocked = (reference_ids < 1) | exclusions.contains(reference_ids.clamp(min=0))
+    reference = sampler._rescore(queries, items, reference_ids).masked_fill(blocked, float("-inf"))
+    assert torch.equal(candidates, reference_ids)
+    assert torch.equal(torch.isinf(logits), torch.isinf(reference)) and bool(blocked.any())
+    finite = torch.isfinite(reference)
+    assert torch.allclose(logits[finite], reference[finite], atol=1e-5)
