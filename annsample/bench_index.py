@@ -10,6 +10,8 @@ of sequence queries), plus what it costs to build and to refresh:
   ``IndexHNSWFlat``), so large nlist stays cheap to probe and to assign.
 - ``hnsw``: FAISS ``IndexHNSWFlat`` over all items, at each efSearch (no lists; a refresh is a
   rebuild).
+- ``exact``: the ``ItemIndex`` exact backend (chunked matmul + top-k): recall 1 by construction,
+  the cost every approximate index has to beat.
 
 Inner products throughout (``METRIC_INNER_PRODUCT``); recall of ids, not of scores.
 """
@@ -31,7 +33,7 @@ from annsample.index import ItemIndex, exact_topk, recall_at_k
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("ivf_flat", "ivf_hnsw", "hnsw")
+KINDS = ("ivf_flat", "ivf_hnsw", "hnsw", "exact")
 
 
 def _search_ms(search, xq: torch.Tensor, k: int, repeats: int) -> tuple[float, torch.Tensor]:
@@ -104,6 +106,7 @@ def index_sweep(
     ]
     jobs += [("ivf_hnsw", nlist, "ip") for nlist in nlists if "ivf_hnsw" in kinds]
     jobs += [("hnsw", 0, "ip")] if "hnsw" in kinds else []
+    jobs += [("exact", 0, "ip")] if "exact" in kinds else []
     for kind, nlist, metric in tqdm(jobs, desc="index configs", disable=not show_progress):
         if nlist > n:
             raise ConfigError(f"nlist={nlist} is more than the {n} items; lower it")
@@ -141,6 +144,15 @@ def index_sweep(
                         recall=round(recall_at_k(I, I_exact), 4), search_ms=round(ms, 3),
                         build_seconds=round(build, 3),
                     )  # fmt: skip
+        elif kind == "exact":
+            index = ItemIndex(d, nlist=1, nprobe=1, backend="exact").build(xb)
+            build = time.perf_counter() - t0
+            ms, I = _search_ms(index.search, xq, k, repeats)
+            record(
+                kind=kind, nlist=None, nprobe=None, metric=metric, ef_search=None,
+                recall=round(recall_at_k(I, I_exact), 4), search_ms=round(ms, 3),
+                build_seconds=round(build, 3),
+            )  # fmt: skip
         else:
             hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             hnsw.add(xb.numpy())

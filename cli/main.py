@@ -496,7 +496,7 @@ def bench_step_command(
     "--kind",
     "kinds",
     multiple=True,
-    type=click.Choice(["ivf_flat", "ivf_hnsw", "hnsw"]),
+    type=click.Choice(["ivf_flat", "ivf_hnsw", "hnsw", "exact"]),
     help="Index kinds (repeatable; default ivf_flat).",
 )
 @click.option("--ef-search", "ef_searches", multiple=True, type=click.IntRange(min=1))

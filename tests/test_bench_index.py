@@ -35,11 +35,12 @@ def test_ivf_recall_grows_with_nprobe_and_is_exact_at_nlist(clustered):
 def test_hnsw_kinds_find_most_of_the_exact_top_k(clustered):
     xq, xb = clustered
     records = index_sweep(
-        xq, xb, 20, nlists=(32,), nprobes=(32,), kinds=("ivf_hnsw", "hnsw"),
+        xq, xb, 20, nlists=(32,), nprobes=(32,), kinds=("ivf_hnsw", "hnsw", "exact"),
         ef_searches=(64,), repeats=1, show_progress=False,
     )  # fmt: skip
-    assert [r["kind"] for r in records] == ["ivf_hnsw", "hnsw"]
+    assert [r["kind"] for r in records] == ["ivf_hnsw", "hnsw", "exact"]
     assert all(r["recall"] > 0.9 for r in records), records
+    assert records[-1]["recall"] == 1.0
 
 
 def test_bad_inputs_are_clear_errors(clustered, tmp_path):
