@@ -47,7 +47,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    backend: str = "auto"  # "auto", "faiss", "faiss-gpu", "exact"
+    backend: str = "auto"  # "auto", "faiss", "faiss-gpu", "exact", "torch_ivf"
     metric: str = "ip"  # "ip", "l2_augmented", "cosine"
     nlist: int = 256
     nprobe: int = 16
@@ -124,7 +124,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "sequences", "interactions"),
     "sampler.name": ("uniform", "popularity", "exact", "pool", "dns", "ann"),
     "sampler.query": ("position", "sequence"),
-    "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact"),
+    "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf"),
     "sampler.index.metric": ("ip", "l2_augmented", "cosine"),
     "sampler.index.refresh": ("steps", "epoch", "never", "adaptive"),
     "loss.name": ("bce", "sampled_softmax", "gbce", "full_ce"),
