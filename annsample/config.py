@@ -64,7 +64,7 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "uniform"  # uniform, popularity, exact, pool, dns, ann
+    name: str = "uniform"  # uniform, popularity, exact, exact_gumbel, pool, dns, ann
     num_negatives: int = 1  # k negatives per position
     exclude_history: bool = (
         True  # also exclude the user's training history (the positive always is)
@@ -78,6 +78,7 @@ class SamplerConfig:
     query: str = (
         "position"  # ann: "position" (every position queries) or "sequence" (last state queries)
     )
+    matmul_precision: str = "fp32"  # exact_gumbel: "fp32", "tf32" or "bf16" score matmuls
     warmup_steps: int = 0  # use uniform negatives for the first steps (model-aware samplers only)
     index: IndexConfig = field(default_factory=IndexConfig)
 
@@ -122,7 +123,8 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "sequences", "interactions"),
-    "sampler.name": ("uniform", "popularity", "exact", "pool", "dns", "ann"),
+    "sampler.name": ("uniform", "popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),
+    "sampler.matmul_precision": ("fp32", "tf32", "bf16"),
     "sampler.query": ("position", "sequence"),
     "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf"),
     "sampler.index.metric": ("ip", "l2_augmented", "cosine"),
