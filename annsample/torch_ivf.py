@@ -26,6 +26,7 @@ import torch
 # larger kernels matter more than memory.
 CPU_BLOCK_ELEMENTS = 1 << 24
 CUDA_BLOCK_ELEMENTS = 1 << 28
+SEARCH_METHODS = ("gather", "lists")
 
 
 def default_block_elements(device: torch.device) -> int:
@@ -181,6 +182,7 @@ def search_inverted_lists(
     k: int,
     nprobe: int,
     block_elements: int | None = None,
+    method: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Inner-product top-k over the rows of each query's ``nprobe`` best lists, scored exactly.
 
@@ -189,8 +191,13 @@ def search_inverted_lists(
         xq: (Q, d') float32 queries on ``lists.device``.
         k: results per query (>= 1).
         nprobe: lists visited per query, 1 <= nprobe <= nlist.
-        block_elements: at most this many gathered vector values are held at once; queries are
-            processed in blocks of that size (at least one query per block).
+        block_elements: ``"gather"`` holds at most this many gathered vector values at once
+            (queries are processed in blocks, at least one query per block).
+        method: ``"gather"`` copies each query's probed rows into a padded (Q', L, d') block and
+            scores it with one batched matmul (few, large kernels: the CUDA default);
+            ``"lists"`` loops over the probed lists and scores each list against all queries
+            that probe it with one matmul, reading every list once (the CPU default, where
+            memory traffic, not kernel count, is the cost).
 
     Returns:
         D: (Q, k) float32 inner products xq · xb, descending; -inf where fewer than k rows were
@@ -198,14 +205,64 @@ def search_inverted_lists(
         I: (Q, k) int64 original row numbers into the ``xb`` the lists were built from; -1 where
             fewer than k rows were probed.
     """
+    method = method or ("gather" if xq.is_cuda else "lists")
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"unknown search method {method!r}; choose one of {SEARCH_METHODS}")
+    if xq.shape[0] == 0:
+        return (
+            torch.full((0, k), float("-inf"), device=xq.device),
+            torch.full((0, k), -1, dtype=torch.int64, device=xq.device),
+        )
+    probe = probe_lists(lists, xq, nprobe, block_elements)  # (Q, nprobe)
+    if method == "lists":
+        return _search_list_major(lists, xq, k, probe)
+    return _search_gather(lists, xq, k, probe, block_elements)
+
+
+def _search_list_major(
+    lists: InvertedLists, xq: torch.Tensor, k: int, probe: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score each probed list against the queries that probe it; merge the per-pair top-k."""
+    nq, nprobe = probe.shape
+    flat = probe.reshape(-1)  # (Q * nprobe,) the list of each (query, probe) pair
+    order = torch.sort(flat, stable=True).indices  # pairs grouped by list
+    pair_counts = torch.bincount(flat, minlength=lists.nlist)
+    pair_ends = pair_counts.cumsum(0).tolist()
+    list_offsets = lists.offsets.tolist()
+    D_pairs = torch.full((nq * nprobe, k), float("-inf"), device=xq.device)
+    I_pairs = torch.full((nq * nprobe, k), -1, dtype=torch.int64, device=xq.device)
+    for list_no in torch.nonzero(pair_counts).flatten().tolist():
+        s0, s1 = list_offsets[list_no], list_offsets[list_no + 1]
+        if s1 == s0:
+            continue
+        p1 = pair_ends[list_no]
+        pairs = order[p1 - int(pair_counts[list_no]) : p1]
+        scores = xq[pairs // nprobe] @ lists.xb[s0:s1].T  # (pairs, list size)
+        if s1 - s0 <= k:  # the whole list fits: the final merge does the sorting
+            D_pairs[pairs, : s1 - s0] = scores
+            I_pairs[pairs, : s1 - s0] = lists.rows[s0:s1]
+            continue
+        top_D, top_col = scores.topk(k, dim=1)
+        D_pairs[pairs] = top_D
+        I_pairs[pairs] = lists.rows[top_col + s0]
+    D, best = D_pairs.view(nq, nprobe * k).topk(k, dim=1)
+    return D, I_pairs.view(nq, nprobe * k).gather(1, best)
+
+
+def _search_gather(
+    lists: InvertedLists,
+    xq: torch.Tensor,
+    k: int,
+    probe: torch.Tensor,
+    block_elements: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copy each query's probed rows into a padded block and score it with one batched matmul."""
     block_elements = block_elements or default_block_elements(xq.device)
     nq, d = xq.shape
+    nprobe = probe.shape[1]
     device = xq.device
     D = torch.full((nq, k), float("-inf"), dtype=torch.float32, device=device)
     I = torch.full((nq, k), -1, dtype=torch.int64, device=device)
-    if nq == 0:
-        return D, I
-    probe = probe_lists(lists, xq, nprobe, block_elements)  # (Q, nprobe)
     starts = lists.offsets[probe]  # (Q, nprobe)
     sizes = lists.offsets[probe + 1] - starts  # (Q, nprobe)
     ends = sizes.cumsum(dim=1)  # (Q, nprobe) end of each probed list in the query's candidates
@@ -224,7 +281,8 @@ def search_inverted_lists(
         list_start = (ends[q0:q1] - sizes[q0:q1]).gather(1, which)  # column of the list's row 0
         sorted_row = starts[q0:q1].gather(1, which) + (cols - list_start)
         sorted_row = torch.where(valid, sorted_row, 0)
-        candidates = lists.xb[sorted_row]  # (b, width, d)
+        # index_select copies whole rows: several times faster than advanced indexing on CPU
+        candidates = lists.xb.index_select(0, sorted_row.view(-1)).view(q1 - q0, width, -1)
         scores = torch.bmm(candidates, xq[q0:q1, :, None]).squeeze(2)  # (b, width)
         scores = scores.masked_fill_(~valid, float("-inf"))
         kk = min(k, width)

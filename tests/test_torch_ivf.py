@@ -123,19 +123,38 @@ def test_short_lists_pad_with_minus_one_and_minus_inf():
     nlist=st.integers(1, 16),
     k=st.integers(1, 12),
     block=st.sampled_from([1, 64, 1 << 20]),
+    method=st.sampled_from(torch_ivf.SEARCH_METHODS),
     seed=st.integers(0, 2**16),
 )
-def test_search_inverted_lists_at_full_probe_is_the_exact_topk(n, nq, nlist, k, block, seed):
+def test_search_inverted_lists_at_full_probe_is_the_exact_topk(
+    n, nq, nlist, k, block, method, seed
+):
     nlist, k = min(nlist, n), min(k, n)
     g = torch.Generator().manual_seed(seed)
     xb, xq = torch.randn(n, 8, generator=g), torch.randn(nq, 8, generator=g)
     centroids = xb[torch.randperm(n, generator=g)[:nlist]]
     lists = torch_ivf.build_inverted_lists(xb, centroids)
     # A tiny block budget forces one query per block: blocking must not change any result.
-    D, I = torch_ivf.search_inverted_lists(lists, xq, k, nprobe=nlist, block_elements=block)
+    D, I = torch_ivf.search_inverted_lists(
+        lists, xq, k, nprobe=nlist, block_elements=block, method=method
+    )
     D_ref, _ = exact_topk(xq, xb, k)
     torch.testing.assert_close(D, D_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close((xq[:, None, :] * xb[I]).sum(-1), D, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nprobe", [1, 3, 8])
+def test_search_methods_agree(device, nprobe, mixture, queries):
+    """Gathering the probed rows and looping over the probed lists give the same results."""
+    xb, xq = mixture.to(device), queries.to(device)
+    lists = torch_ivf.build_inverted_lists(xb, xb[:32].clone())
+    D_g, I_g = torch_ivf.search_inverted_lists(lists, xq, 20, nprobe, method="gather")
+    D_l, I_l = torch_ivf.search_inverted_lists(lists, xq, 20, nprobe, method="lists")
+    assert recall_at_k(I_l, I_g) == 1.0
+    torch.testing.assert_close(D_l, D_g, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown search method 'scan'"):
+        torch_ivf.search_inverted_lists(lists, xq, 20, nprobe, method="scan")
 
 
 # ----------------------------------------------------------------------------- list layout
