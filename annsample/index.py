@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from annsample import torch_ivf
 from annsample.errors import ItemIndexError
+from annsample.torch_ivf import InvertedLists, build_inverted_lists, search_inverted_lists
 
 try:
     import faiss
@@ -201,7 +201,7 @@ class _Contents:
     gpu_resources: Any = None
     gpu_lock: threading.Lock | None = None  # GPU nprobe is index state, so searches serialise
     xb: torch.Tensor | None = None  # (N, d') stored vectors (exact backend)
-    lists: torch_ivf.InvertedLists | None = None  # torch_ivf backend, on the search device
+    lists: InvertedLists | None = None  # torch_ivf backend, on the search device
 
 
 class ItemIndex:
@@ -455,7 +455,7 @@ class ItemIndex:
                 D, I = exact_topk(q, contents.xb, k)
             elif contents.lists is not None:
                 q = self._transform_queries(xq.to(contents.lists.device))
-                D, I = torch_ivf.search_inverted_lists(contents.lists, q.contiguous(), k, nprobe)
+                D, I = search_inverted_lists(contents.lists, q.contiguous(), k, nprobe)
             else:
                 q = self._transform_queries(xq.cpu()).contiguous().numpy()
                 if contents.gpu_ivf is not None:
@@ -754,9 +754,7 @@ class ItemIndex:
             return _Contents(version, n, ids, None, norms, max_norm, xb=stored)
         assert centroids is not None
         if self._resolved == "torch_ivf":
-            lists = torch_ivf.build_inverted_lists(
-                stored, centroids, l2=self.metric == "l2_augmented"
-            )
+            lists = build_inverted_lists(stored, centroids, l2=self.metric == "l2_augmented")
             if norms is not None:
                 norms = norms.to(stored.device)
             return _Contents(version, n, ids, centroids, norms, max_norm, lists=lists)
