@@ -152,10 +152,15 @@ class GumbelExactSampler:
         return Negatives(ids, (logit.double() - log_z[:, None]).float())
 
     def probabilities(self, queries, item_embeddings, exclusions) -> torch.Tensor:
-        """(P, N+1) exact proposal probabilities at this sampler's precision (small catalogs)."""
+        """(P, N+1) exact proposal probabilities at this sampler's precision (small catalogs).
+
+        The logits come from the same product :meth:`sample` computes in one chunk (items 1..N),
+        so on a GPU the same kernel rounds them the same way.
+        """
         low = torch.bfloat16 if self.precision == "bf16" else torch.float32
         q = (self.alpha * queries.float()).to(low)
         with torch.no_grad(), matmul_precision(self.precision):
-            logits = (q @ item_embeddings.to(low).T).float()
+            logits = (q @ item_embeddings[1:].to(low).T).float()  # (P, N)
+        logits = torch.cat([logits.new_full((logits.shape[0], 1), float("-inf")), logits], dim=1)
         logits = logits.masked_fill(exclusions.dense_mask(), float("-inf"))
         return torch.softmax(logits.double(), dim=1).float()

@@ -227,16 +227,18 @@ def _search_list_major(
     flat = probe.reshape(-1)  # (Q * nprobe,) the list of each (query, probe) pair
     order = torch.sort(flat, stable=True).indices  # pairs grouped by list
     pair_counts = torch.bincount(flat, minlength=lists.nlist)
+    # Host copies, read once: per-list reads of device tensors would sync CUDA every list.
     pair_ends = pair_counts.cumsum(0).tolist()
+    counts = pair_counts.tolist()
     list_offsets = lists.offsets.tolist()
     D_pairs = torch.full((nq * nprobe, k), float("-inf"), device=xq.device)
     I_pairs = torch.full((nq * nprobe, k), -1, dtype=torch.int64, device=xq.device)
-    for list_no in torch.nonzero(pair_counts).flatten().tolist():
+    for list_no, count in enumerate(counts):
         s0, s1 = list_offsets[list_no], list_offsets[list_no + 1]
-        if s1 == s0:
+        if count == 0 or s1 == s0:
             continue
         p1 = pair_ends[list_no]
-        pairs = order[p1 - int(pair_counts[list_no]) : p1]
+        pairs = order[p1 - count : p1]
         scores = xq[pairs // nprobe] @ lists.xb[s0:s1].T  # (pairs, list size)
         if s1 - s0 <= k:  # the whole list fits: the final merge does the sorting
             D_pairs[pairs, : s1 - s0] = scores
