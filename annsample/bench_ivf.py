@@ -207,6 +207,30 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def crossover(records: list[dict[str, Any]], min_recall: float = 0.95) -> list[dict[str, Any]]:
+    """Per (N, Q): exact search ms against the fastest IVF search reaching ``min_recall``.
+
+    Where ``speedup`` > 1 the index beats exact scoring at that catalog size; ``ivf`` is None when
+    no measured nprobe reaches the recall.
+    """
+    out = []
+    exact = [r for r in records if r["kind"] == "search" and r["backend"] == "exact"]
+    for e in exact:
+        good = [
+            r for r in records
+            if r["kind"] == "search" and r["backend"] != "exact" and r["n"] == e["n"]
+            and r["queries"] == e["queries"] and r["recall"] >= min_recall
+        ]  # fmt: skip
+        best = min(good, key=lambda r: r["search_ms"]) if good else None
+        out.append(
+            dict(n=e["n"], queries=e["queries"], exact_ms=e["search_ms"],
+                 ivf=None if best is None else f"{best['backend']} nprobe={best['nprobe']}",
+                 ivf_ms=None if best is None else best["search_ms"],
+                 speedup=None if best is None else e["search_ms"] / best["search_ms"])
+        )  # fmt: skip
+    return out
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
     """Markdown tables: search ms and recall per backend and nprobe; build s; sampler ms."""
     lines = ["| N | Q | backend | nprobe | search ms | recall@k |", "|---|---|---|---|---|---|"]
@@ -216,6 +240,15 @@ def format_table(records: list[dict[str, Any]]) -> str:
                 f"| {r['n']:,} | {r['queries']:,} | {r['backend']} | {r['nprobe'] or '-'} | "
                 f"{r['search_ms']:.1f} | {r['recall']:.3f} |"
             )
+    summary = crossover(records)
+    if summary:
+        lines += ["", "| N | Q | exact ms | fastest IVF at recall >= 0.95 | ms | × faster |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {r['n']:,} | {r['queries']:,} | {r['exact_ms']:.1f} | {r['ivf'] or 'none'} | "
+            + (f"{r['ivf_ms']:.1f} | {r['speedup']:.1f} |" if r["ivf"] else "- | - |")
+            for r in summary
+        ]
     builds = [r for r in records if r["kind"] == "build"]
     if builds:
         lines += ["", "| N | backend | nlist | build s |", "|---|---|---|---|"]

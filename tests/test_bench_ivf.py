@@ -27,6 +27,12 @@ def test_full_probe_has_recall_one_and_every_record_is_timed():
     assert samplers == {
         "exact_gumbel/fp32", "exact_gumbel/tf32", "exact_gumbel/bf16", "exact/reservoir"
     }  # fmt: skip
+    summary = bench_ivf.crossover(records)
+    assert [(r["n"], r["queries"]) for r in summary] == [(3000, 16)]
+    # nprobe = nlist reaches recall 1, so some IVF row qualifies; its speedup is exact / its ms.
+    best = summary[0]
+    assert best["ivf"] is not None and best["speedup"] == best["exact_ms"] / best["ivf_ms"]
+    assert bench_ivf.crossover(records, min_recall=1.01)[0]["ivf"] is None
     table = bench_ivf.format_table(records)
     assert "| 3,000 | 16 | torch_ivf/lists | 12 |" in table
 
