@@ -18,12 +18,12 @@
 set -u -o pipefail
 OUT=${OUT:-gpu_bench_out}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/log.txt") 2>&1
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 stamp() { echo "== $(date -u +%H:%M:%S) $*"; }
 ANNSAMPLE=("$PY" -c 'import sys; from cli.main import main; sys.argv[0] = "annsample"; main()')
 
+main() {
 if compgen -G ".whl/*.whl" >/dev/null; then
   stamp "installing carried wheels: $(ls .whl)"
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -80,3 +80,7 @@ else
   echo "skipped: this checkout has no annsample.bench_step (the 'bench step' command)"
 fi
 stamp "done"
+}
+
+# A pipeline rather than `exec > >(tee ...)`, so the log is complete when the script returns.
+main 2>&1 | tee "$OUT/log.txt"
