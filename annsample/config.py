@@ -47,7 +47,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    backend: str = "auto"  # "auto", "faiss", "faiss-gpu", "exact"
+    backend: str = "auto"  # "auto", "faiss", "faiss-gpu", "exact", "torch_ivf"
     metric: str = "ip"  # "ip", "l2_augmented", "cosine"
     nlist: int = 256
     nprobe: int = 16
@@ -64,7 +64,7 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "uniform"  # uniform, popularity, exact, pool, dns, ann
+    name: str = "uniform"  # uniform, popularity, exact, exact_gumbel, pool, dns, ann
     num_negatives: int = 1  # k negatives per position
     exclude_history: bool = (
         True  # also exclude the user's training history (the positive always is)
@@ -78,6 +78,7 @@ class SamplerConfig:
     query: str = (
         "position"  # ann: "position" (every position queries) or "sequence" (last state queries)
     )
+    matmul_precision: str = "fp32"  # exact_gumbel: "fp32", "tf32" or "bf16" score matmuls
     warmup_steps: int = 0  # use uniform negatives for the first steps (model-aware samplers only)
     index: IndexConfig = field(default_factory=IndexConfig)
 
@@ -122,9 +123,10 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "sequences", "interactions"),
-    "sampler.name": ("uniform", "popularity", "exact", "pool", "dns", "ann"),
+    "sampler.name": ("uniform", "popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),
+    "sampler.matmul_precision": ("fp32", "tf32", "bf16"),
     "sampler.query": ("position", "sequence"),
-    "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact"),
+    "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf"),
     "sampler.index.metric": ("ip", "l2_augmented", "cosine"),
     "sampler.index.refresh": ("steps", "epoch", "never", "adaptive"),
     "loss.name": ("bce", "sampled_softmax", "gbce", "full_ce"),

@@ -21,15 +21,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from annsample.errors import ItemIndexError
+from annsample.torch_ivf import InvertedLists, build_inverted_lists, search_inverted_lists
+
+try:
+    import faiss
+except ImportError:  # the torch backends ("exact", "torch_ivf") run without it, e.g. on CUDA 13
+    faiss = None
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "faiss", "faiss-gpu", "exact")
+BACKENDS = ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf")
 METRICS = ("ip", "l2_augmented", "cosine")
 STATE_DICT_FORMAT = "annsample.ItemIndex/1"
 
@@ -47,7 +52,7 @@ _warned_small_training_sets: set[tuple[int, int]] = set()
 
 def _faiss_gpu_available() -> bool:
     """Whether this faiss build can run on a GPU and sees at least one."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -196,6 +201,7 @@ class _Contents:
     gpu_resources: Any = None
     gpu_lock: threading.Lock | None = None  # GPU nprobe is index state, so searches serialise
     xb: torch.Tensor | None = None  # (N, d') stored vectors (exact backend)
+    lists: InvertedLists | None = None  # torch_ivf backend, on the search device
 
 
 class ItemIndex:
@@ -206,8 +212,10 @@ class ItemIndex:
         nlist: number of IVF lists (k-means centroids).
         nprobe: lists visited per query; settable, 1 <= nprobe <= nlist.
         backend: "faiss" (CPU IndexIVFFlat), "faiss-gpu" (FAISS GPU IVF), "exact" (chunked torch
-            matmul top-k on the tensors' device) or "auto" (faiss-gpu if FAISS sees a GPU and xb is
-            on CUDA, else exact if xb is on CUDA, else faiss), resolved at the first build.
+            matmul top-k on the tensors' device), "torch_ivf" (the same IVF in pure torch on the
+            tensors' device, see :mod:`annsample.torch_ivf`) or "auto" (faiss-gpu if FAISS sees a
+            GPU and xb is on CUDA, else torch_ivf if xb is on CUDA, else faiss; torch_ivf when
+            faiss is not installed), resolved at the first build.
         metric: how inner-product search is made IVF-friendly. "ip": plain inner-product IVF with
             spherical k-means (FAISS's default); "l2_augmented": MIPS -> L2 reduction, xb gets an
             extra coordinate sqrt(M^2 - |x|^2) and xq a 0, so lists and probes follow L2 in that
@@ -253,6 +261,11 @@ class ItemIndex:
             raise ItemIndexError(
                 f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
             )
+        if backend in ("faiss", "faiss-gpu") and faiss is None:
+            raise ItemIndexError(
+                f"backend {backend!r} needs the faiss package, which is not installed; install "
+                "faiss-cpu, or use backend='torch_ivf' (the same IVF in torch, on any device)"
+            )
         if backend == "faiss-gpu" and not _faiss_gpu_available():
             raise ItemIndexError(
                 "backend 'faiss-gpu' was requested but this faiss build sees no GPU "
@@ -284,7 +297,7 @@ class ItemIndex:
 
     @property
     def backend(self) -> str:
-        """The backend in use ("faiss", "faiss-gpu", "exact"); "auto" until the first build."""
+        """The backend in use ("faiss", "faiss-gpu", "exact", "torch_ivf"); "auto" before a build."""
         return self._resolved or self.requested_backend
 
     @property
@@ -440,6 +453,9 @@ class ItemIndex:
                 assert contents.xb is not None
                 q = self._transform_queries(xq.to(contents.xb.device))
                 D, I = exact_topk(q, contents.xb, k)
+            elif contents.lists is not None:
+                q = self._transform_queries(xq.to(contents.lists.device))
+                D, I = search_inverted_lists(contents.lists, q.contiguous(), k, nprobe)
             else:
                 q = self._transform_queries(xq.cpu()).contiguous().numpy()
                 if contents.gpu_ivf is not None:
@@ -613,14 +629,16 @@ class ItemIndex:
         if self.requested_backend != "auto":
             return self.requested_backend
         if xb.is_cuda:
-            return "faiss-gpu" if _faiss_gpu_available() else "exact"
-        return "faiss"
+            return "faiss-gpu" if _faiss_gpu_available() else "torch_ivf"
+        return "faiss" if faiss is not None else "torch_ivf"
 
     def _to_compute_device(self, xb: torch.Tensor) -> torch.Tensor:
         """Where k-means and assignment run: the exact backend's device, CPU for faiss unless on CUDA."""
         contents = self._contents
         if self._resolved == "exact" and contents is not None and contents.xb is not None:
             return xb.to(contents.xb.device)
+        if self._resolved == "torch_ivf" and contents is not None and contents.lists is not None:
+            return xb.to(contents.lists.device)
         if self._resolved == "faiss":
             return xb.cpu()
         return xb
@@ -684,7 +702,9 @@ class ItemIndex:
             centroids = torch.nn.functional.normalize(centroids, dim=1)
         n, nlist = train.shape[0], self._nlist
         for _ in range(self.kmeans_iters):
-            assign = nearest_centroid(train, centroids, l2=not spherical)
+            assign = nearest_centroid(
+                train, centroids, l2=not spherical, use_faiss=self._resolved != "torch_ivf"
+            )
             # Per-list sums as a sparse (nlist, n) one-hot times train: much faster than
             # index_add_ on CPU, and the same code on CUDA.
             one_hot = torch.sparse_coo_tensor(
@@ -733,6 +753,11 @@ class ItemIndex:
                 norms = norms.to(stored.device)
             return _Contents(version, n, ids, None, norms, max_norm, xb=stored)
         assert centroids is not None
+        if self._resolved == "torch_ivf":
+            lists = build_inverted_lists(stored, centroids, l2=self.metric == "l2_augmented")
+            if norms is not None:
+                norms = norms.to(stored.device)
+            return _Contents(version, n, ids, centroids, norms, max_norm, lists=lists)
         assign = nearest_centroid(
             stored, centroids.to(stored.device), l2=self.metric == "l2_augmented"
         )
@@ -773,6 +798,8 @@ class ItemIndex:
     def _stored_vectors(self, contents: _Contents) -> torch.Tensor:
         if contents.xb is not None:
             return contents.xb.cpu().clone()
+        if contents.lists is not None:
+            return contents.lists.vectors().cpu()
         ivf = contents.ivf if contents.ivf is not None else faiss.index_gpu_to_cpu(contents.gpu_ivf)
         return torch.from_numpy(_ivf_vectors(ivf, contents.ntotal))
 
@@ -791,24 +818,27 @@ class ItemIndex:
         )
 
 
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, l2: bool = False) -> torch.Tensor:
+def nearest_centroid(
+    x: torch.Tensor, centroids: torch.Tensor, l2: bool = False, use_faiss: bool = True
+) -> torch.Tensor:
     """The IVF assignment step: the list of every row, 2 * n * nlist * d FLOPs.
 
     Args:
         x: (n, d') float32 rows, on CPU (FAISS flat search) or CUDA (chunked torch matmul).
         centroids: (nlist, d') float32 centroids.
         l2: argmin |x - c|^2 instead of argmax x · c.
+        use_faiss: on CPU, use FAISS's flat search when faiss is installed (else chunked torch).
 
     Returns:
         (n,) int64 list numbers, on ``x``'s device.
     """
-    if not x.is_cuda:
+    if not x.is_cuda and use_faiss and faiss is not None:
         # FAISS's flat k=1 search fuses the GEMM with the arg-max: as fast as a bare sgemm here.
         flat = faiss.IndexFlatL2(x.shape[1]) if l2 else faiss.IndexFlatIP(x.shape[1])
         flat.add(centroids.cpu().contiguous().numpy())
         _, I = flat.search(x.contiguous().numpy(), 1)
         return torch.from_numpy(I[:, 0])
-    # On CUDA a chunked matmul + argmax beats a round trip to the host.
+    # On CUDA a chunked matmul + argmax beats a round trip to the host (and needs no faiss).
     scores_bias = -0.5 * (centroids * centroids).sum(dim=1) if l2 else None
     out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     rows = max(1, _BLOCK_ELEMENTS // centroids.shape[0])

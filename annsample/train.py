@@ -193,6 +193,10 @@ def build_sampler(config: RunConfig, prepared: Prepared, index_source=None):
         return PopularitySampler(prepared.popularity, beta=s.beta)
     if s.name == "exact":
         return ExactSampler(alpha=s.alpha)
+    if s.name == "exact_gumbel":
+        from annsample.exact_gumbel import GumbelExactSampler
+
+        return GumbelExactSampler(alpha=s.alpha, precision=s.matmul_precision)
     if s.name == "pool":
         return PoolSampler(alpha=s.alpha, pool_size=s.pool_size)
     if s.name == "dns":
