@@ -435,7 +435,7 @@ class NegativeSampler:
             query: "position" or "sequence" (see :class:`annsample.samplers.AnnSampler`).
         pool_size: M for "pool" and "dns". popularity: (N+1,) counts for "popularity"; beta: its
             exponent.
-        nlist, nprobe: IVF lists and lists probed (None: about sqrt(N), and nlist / 4).
+        nlist, nprobe: IVF lists and lists probed (None: about sqrt(N), and nlist / 8).
         metric, backend: see :class:`annsample.index.ItemIndex`.
         refresh: the refresh policy (default: re-add every 100 steps, retrain every 10th).
         seed: seeds the sampler's generator and k-means.
@@ -475,6 +475,9 @@ class NegativeSampler:
         self._encode: Callable[[], torch.Tensor] | None = None
         self._items: torch.Tensor | None = None
         self._encode_seconds = 0.0
+        self._shape: tuple[int, int] | None = (
+            None  # the tower's output shape, fixed at the first call
+        )
         if isinstance(items, torch.Tensor):
             self._items = _check_items(items)
             table = self._items.detach()
@@ -509,7 +512,7 @@ class NegativeSampler:
                     f"lower it to at most {self.n_items}"
                 )
             nlist = nlist or _default_nlist(self.n_items)
-            nprobe = nprobe or max(1, nlist // 4)
+            nprobe = nprobe or max(1, nlist // 8)
 
             def factory() -> ItemIndex:
                 return ItemIndex(
@@ -757,10 +760,12 @@ class NegativeSampler:
             table = self._encode()
         self._encode_seconds = time.perf_counter() - start
         table = _check_items(table).detach()
-        if hasattr(self, "n_items") and tuple(table.shape) != (self.n_items + 1, self.dim):
+        if self._shape is None:
+            self._shape = tuple(table.shape)
+        elif tuple(table.shape) != self._shape:
             raise SamplerError(
-                f"the item encoder returned {tuple(table.shape)} but returned "
-                f"{(self.n_items + 1, self.dim)} before; the catalog must keep its size"
+                f"the item encoder returned {tuple(table.shape)} but returned {self._shape} "
+                "before; the catalog must keep its size (build a new NegativeSampler for a new one)"
             )
         return table
 

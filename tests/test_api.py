@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import doctest
 import re
 from pathlib import Path
@@ -56,6 +57,19 @@ def test_the_api_is_importable_from_the_package():
     assert annsample.sampled_loss is sampled_loss
     with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
         annsample.NoSuchThing  # noqa: B018
+
+
+def test_the_api_takes_tensors_not_models_or_the_trainer():
+    tree = ast.parse((REPO / "annsample" / "api.py").read_text(encoding="utf-8"))
+    imported = {
+        alias.name if isinstance(node, ast.Import) else node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert "annsample.samplers" in imported  # the scan sees the real imports
+    forbidden = ("annsample.train", "annsample.model", "torch.nn", "cli")
+    assert not [m for m in imported if m and m.startswith(forbidden)]
 
 
 def test_docstring_examples_run():
