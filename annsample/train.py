@@ -46,6 +46,7 @@ from annsample.samplers import (
     ExactSampler,
     PoolSampler,
     PopularitySampler,
+    Sampler,
     UniformSampler,
 )
 
@@ -796,9 +797,24 @@ class StalenessMonitor:
 
 
 def _step_loss(
-    model, seq, tgt, prepared, batch, config, sampler, warmup, k, step, generator, device
-):
-    """One batch's loss; the sampling and the sampled loss go through the public API."""
+    model: SASRec,
+    seq: torch.Tensor,
+    tgt: torch.Tensor,
+    prepared: Prepared,
+    batch: torch.Tensor,
+    config: RunConfig,
+    sampler: Sampler | None,
+    warmup: Sampler,
+    k: int,
+    step: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """One batch's loss; the sampling and the sampled loss go through the public API.
+
+    ``seq``, ``tgt``: (B, T) int64 inputs and next items (0 = padding); ``batch``: (B,) rows of
+    ``prepared.train_inputs``; ``step``: steps done (the warmup sampler serves the first ones).
+    """
     h = model.encode(seq)  # (B, T, d)
     mask = tgt > 0
     h_pos = h[mask]  # (P, d) real positions only
