@@ -625,7 +625,14 @@ class NegativeSampler:
             if "drift" not in measured and self._built is not None:
                 now = self._snapshot(self._current(True))  # a tower is re-encoded to measure it
                 measured["drift"] = embedding_drift(now, self._built)
-            if "recall" not in measured and probe_queries is not None:
+            if "recall" not in measured and self.policy.recall_threshold is not None:
+                if probe_queries is None:
+                    raise SamplerError(
+                        f"RefreshPolicy(recall_threshold=...) checks index recall every "
+                        f"{self.policy.check_every} steps, and step {step} is one: pass "
+                        "step(probe_queries=...) with (Q, d) hidden states of held-out users, or "
+                        "stats={'recall': ...}"
+                    )
                 measured["recall"] = self.staleness(probe_queries)["index/recall@k"]
         kind = self.schedule.should_refresh(step, epoch_end, measured)
         if kind is not None:

@@ -327,6 +327,20 @@ def test_the_adaptive_policy_refreshes_when_the_table_drifts():
     assert moved["index/refresh"] == "re_add" and moved["index/drift"] == pytest.approx(2.0)
 
 
+def test_the_adaptive_policy_refreshes_when_probe_recall_drops():
+    items = item_table()
+    probes = torch.randn(16, D, generator=torch.Generator().manual_seed(4))
+    policy = RefreshPolicy(schedule="adaptive", recall_threshold=0.9, check_every=1)
+    with small_sampler(items, nprobe=4, refresh=policy) as sampler:
+        assert sampler.step(probe_queries=probes)["index/refresh"] is None  # recall 1.0
+        with torch.no_grad():
+            items.copy_(item_table(seed=9))
+        stale = sampler.step(probe_queries=probes)
+        assert stale["index/refresh"] == "re_add" and stale["index/recall"] < 0.9
+        with pytest.raises(SamplerError, match=r"pass step\(probe_queries=...\)"):
+            sampler.step()
+
+
 def test_an_item_tower_is_re_encoded_at_every_refresh():
     tower = torch.nn.Linear(4, D)
     features = torch.randn(N + 1, 4)
