@@ -1,8 +1,8 @@
 """A GRU4Rec-style recommender in a plain PyTorch loop, trained with annsample's GenNi negatives.
 
-The sampler takes 11 lines (the import, the policy and sampler, sample, the logits and loss, the
-step hook, close); the model, data and optimiser are ordinary PyTorch. Runs in seconds on the
-bundled tiny data:
+The sampler takes 15 lines (the import, the history table, the policy and sampler, sample, the
+logits and loss, the step hook, close); the model, data and optimiser are ordinary PyTorch. Runs
+in seconds on the bundled tiny data:
 
     .venv/bin/python examples/gru4rec.py --data data/tiny.txt --steps 200
 """
