@@ -218,11 +218,14 @@ def normalize_histories(
         padded = torch.where(padded == 0, fill, padded)
         if padded.shape[1] == 0:
             padded = torch.full((batch_size, 1), fill, dtype=torch.int64, device=padded.device)
-    # sort, blank out repeats, sort again: every row ascending, each item once, fill at the end
-    padded = padded.sort(dim=1).values
-    repeat = torch.zeros_like(padded, dtype=torch.bool)
-    repeat[:, 1:] = padded[:, 1:] == padded[:, :-1]
-    padded = padded.masked_fill(repeat, fill).sort(dim=1).values
+    # rows already ascending and repeat-free (fill at the end) skip the sorts: one pass to check
+    tidy = bool(((padded[:, 1:] > padded[:, :-1]) | (padded[:, 1:] == fill)).all())
+    if not tidy:
+        # sort, blank out repeats, sort again: every row ascending, each item once, fill at the end
+        padded = padded.sort(dim=1).values
+        repeat = torch.zeros_like(padded, dtype=torch.bool)
+        repeat[:, 1:] = padded[:, 1:] == padded[:, :-1]
+        padded = padded.masked_fill(repeat, fill).sort(dim=1).values
     width = max(int((padded <= n_items).sum(dim=1).max()) if batch_size else 0, 1)
     return padded[:, :width].contiguous()
 
