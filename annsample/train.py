@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from annsample import checkpoint as checkpoint_mod
 from annsample import data as data_mod
+from annsample.api import sample_negatives, sampled_logits, sampled_loss
 from annsample.config import RunConfig, config_to_dict, dump_config
 from annsample.errors import (
     CheckpointError,
@@ -37,15 +38,15 @@ from annsample.errors import (
     SamplerError,
 )
 from annsample.evaluate import evaluate_ranking
-from annsample.losses import bce_loss, full_ce_loss, gbce_loss, sampled_softmax_loss
+from annsample.losses import full_ce_loss
 from annsample.model import SASRec, count_parameters
 from annsample.samplers import (
     AnnSampler,
     DNSSampler,
     ExactSampler,
-    Exclusions,
     PoolSampler,
     PopularitySampler,
+    Sampler,
     UniformSampler,
 )
 
@@ -283,23 +284,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def batch_exclusions(
-    prepared: Prepared,
-    users: np.ndarray,
-    row: torch.Tensor,
-    positives: torch.Tensor,
-    exclude_history: bool,
-    device: torch.device,
-) -> Exclusions:
-    """Exclusions for the real positions of a batch of users (rows = batch rows)."""
-    n_items = prepared.n_items
-    if not exclude_history:
-        empty = torch.empty((len(users), 0), dtype=torch.int64, device=device)
-        return Exclusions(empty, row, positives, n_items)
-    history = data_mod.pad_rows(prepared.history_indptr, prepared.history_items, users, n_items + 1)
-    return Exclusions(torch.as_tensor(history, device=device), row, positives, n_items)
 
 
 def evaluate_model(
@@ -817,8 +801,24 @@ class StalenessMonitor:
 
 
 def _step_loss(
-    model, seq, tgt, prepared, batch, config, sampler, warmup, k, step, generator, device
-):
+    model: SASRec,
+    seq: torch.Tensor,
+    tgt: torch.Tensor,
+    prepared: Prepared,
+    batch: torch.Tensor,
+    config: RunConfig,
+    sampler: Sampler | None,
+    warmup: Sampler,
+    k: int,
+    step: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """One batch's loss; the sampling and the sampled loss go through the public API.
+
+    ``seq``, ``tgt``: (B, T) int64 inputs and next items (0 = padding); ``batch``: (B,) rows of
+    ``prepared.train_inputs``; ``step``: steps done (the warmup sampler serves the first ones).
+    """
     h = model.encode(seq)  # (B, T, d)
     mask = tgt > 0
     h_pos = h[mask]  # (P, d) real positions only
@@ -831,27 +831,22 @@ def _step_loss(
     item_embeddings = model.item_embeddings
     if config.loss.name == "full_ce":
         return full_ce_loss(h_pos, item_embeddings, positives)
-    row = mask.nonzero()[:, 0]  # (P,) batch row of each position
-    users = prepared.train_users[batch.numpy()]
-    exclusions = batch_exclusions(
-        prepared, users, row, positives, config.sampler.exclude_history, device
-    )
+    histories = None
+    if config.sampler.exclude_history:
+        users = prepared.train_users[batch.numpy()]
+        rows = data_mod.pad_rows(prepared.history_indptr, prepared.history_items, users, 0)
+        histories = torch.as_tensor(rows, device=device)  # (B, H), 0 = padding
     active = warmup if step < config.sampler.warmup_steps else sampler
-    with torch.no_grad():
-        negatives = active.sample(
-            h_pos.detach(),
-            item_embeddings.detach(),
-            exclusions,
-            k,
-            generator,
-            sequence_queries=h[:, -1].detach(),
-        )
-    pos_logits = (h_pos * model.item_vectors(positives)).sum(dim=1)  # (P,)
-    neg_logits = torch.einsum("pd,pkd->pk", h_pos, model.item_vectors(negatives.ids))  # (P, k)
-    name = config.loss.name
-    if name == "bce":
-        return bce_loss(pos_logits, neg_logits)
-    if name == "gbce":
-        return gbce_loss(pos_logits, neg_logits, prepared.n_items, config.loss.gbce_t)
+    negatives = sample_negatives(active, h, tgt, item_embeddings, k, generator, histories)
+    pos_logits, neg_logits = sampled_logits(
+        h_pos, model.item_vectors(positives), model.item_vectors(negatives.ids)
+    )  # (P,), (P, k)
     log_q = negatives.log_q if config.loss.logq_correction else None
-    return sampled_softmax_loss(pos_logits, neg_logits, log_q)
+    return sampled_loss(
+        config.loss.name,
+        pos_logits,
+        neg_logits,
+        log_q,
+        n_items=prepared.n_items,
+        gbce_t=config.loss.gbce_t,
+    )
