@@ -194,6 +194,85 @@ def report(run_dirs: tuple[Path, ...], stage: str) -> None:
     click.echo(results_table(list(run_dirs), stage), nl=False)
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--nlist", type=click.IntRange(min=1), default=None, help="IVF lists (default ~sqrt(N))."
+)
+@click.option(
+    "--nprobe",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Lists probed per query when serving.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@_user_errors
+def export_command(
+    run_dir: Path, out_dir: Path, nlist: int | None, nprobe: int | None, overwrite: bool
+) -> None:
+    """Write a finished run's model, item embeddings, FAISS index and manifest for serving."""
+    from annsample.export import export_run
+
+    manifest = export_run(run_dir, out_dir, nlist=nlist, nprobe=nprobe, overwrite=overwrite)
+    index = manifest["index"]
+    click.echo(
+        f"export folder: {out_dir} ({manifest['n_items']} items, nlist {index['nlist']}, "
+        f"nprobe {index['nprobe']}, index recall@10 {index['recall@10']:.3f})"
+    )
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--history",
+    required=True,
+    metavar="ID,ID,...",
+    help="The user's items, oldest first, comma-separated (e.g. 5,17,42).",
+)
+@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--nprobe", type=click.IntRange(min=1), default=None, help="Override the index's nprobe."
+)
+@click.option("--scores", "with_scores", is_flag=True, help="Print 'id score' lines instead.")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="torch and FAISS threads (one query gains nothing from more, and waits for busy cores).",
+)
+@_user_errors
+def recommend(
+    export_dir: Path, history: str, k: int, nprobe: int | None, with_scores: bool, threads: int
+) -> None:
+    """Print the top-k item ids for a history (history items excluded) from an export folder."""
+    import time
+
+    import faiss
+    import torch
+
+    from annsample.export import Recommender, parse_history
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    start = time.perf_counter()
+    recommender = Recommender.load(export_dir)
+    loaded = time.perf_counter()
+    if nprobe is not None:
+        recommender.nprobe = nprobe
+    result = recommender.recommend(parse_history(history, recommender.labels is not None), k)
+    done = time.perf_counter()
+    logging.getLogger(__name__).info(
+        "loaded in %.0f ms, recommended in %.1f ms", 1e3 * (loaded - start), 1e3 * (done - loaded)
+    )
+    if with_scores:
+        for item, score in zip(result.ids, result.scores.tolist(), strict=True):
+            click.echo(f"{item} {score:.4f}")
+    else:
+        click.echo(" ".join(map(str, result.ids)))
+
+
 @main.command()
 @click.option(
     "--config",
