@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,9 +61,10 @@ def _check_writable(path: Path | None, flag: str) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
+    rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # set by torchrun
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     # faiss logs at INFO which CPU build it tried to load; only its warnings matter here
@@ -118,6 +120,14 @@ def main(verbose: bool) -> None:
     help="Train on a synthetic catalog of N items (e.g. 100k, 1M) instead of the config's dataset; "
     "from 100k items on, the ANN sampler and sparse embeddings are switched on (--set still wins).",
 )
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Train on N processes with DDP (gloo on CPU, NCCL on GPUs), launched through torch's "
+    "elastic launcher; train.batch_size stays the global batch.",
+)
 @_user_errors
 def train(
     config_path: Path | None,
@@ -126,6 +136,7 @@ def train(
     overwrite: bool,
     resume_dir: Path | None,
     catalog_size: str | None,
+    nproc: int,
 ) -> None:
     """Train a model and write config, metrics, checkpoint and results into the run folder."""
     from annsample.config import catalog_overrides, load_config
@@ -146,6 +157,8 @@ def train(
                 f"--resume continues RUN_DIR in place, on its own data; drop {', '.join(clashes)}"
             )
         config = load_config(config_path or run_config_path(resume_dir), overrides)
+        if nproc > 1:
+            return _launch(nproc, config_path, overrides, resume_dir, resume=True)
         results = run_training(config, resume_dir, resume=True)
         out = resume_dir
     else:
@@ -153,7 +166,11 @@ def train(
             overrides = catalog_overrides(parse_size(catalog_size)) + tuple(overrides)
         config = load_config(config_path, overrides)
         out = out_dir or default_run_dir(config)
+        if nproc > 1:
+            return _launch(nproc, config_path, overrides, out, overwrite=overwrite)
         results = run_training(config, out, overwrite=overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return None  # under torchrun, rank 0 reports
     click.echo(f"run folder: {out}")
     click.echo(_format_metrics("test", results["test"]))
 
@@ -443,6 +460,31 @@ def bench_stall_command(
     click.echo(stall_table(records), nl=False)
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+
+
+def _launch(
+    nproc: int,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """``annsample train`` again on ``nproc`` ranks, with the run folder fixed here (a default
+    ``runs/<date>-<name>`` would differ between ranks started a second apart)."""
+    from annsample.distributed import launch, launched_world_size
+
+    if launched_world_size() > 1:
+        raise click.UsageError("--nproc is for launching; under torchrun, drop it")
+    argv = ["train"]
+    if config_path is not None:
+        argv += ["--config", str(config_path)]
+    for override in overrides:
+        argv += ["--set", override]
+    argv += ["--resume", str(out)] if resume else ["--out", str(out)]
+    if overwrite:
+        argv.append("--overwrite")
+    launch(nproc, argv, out)
 
 
 def _format_metrics(stage: str, metrics: dict[str, float]) -> str:
