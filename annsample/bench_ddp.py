@@ -102,7 +102,9 @@ def _setting(config_yaml: Path, key: str) -> str:
     return yaml.safe_load(config_yaml.read_text(encoding="utf-8"))["train"][key]
 
 
-def _probe_worker(rank: int, world: int, init_file: str, n: int, d: int, rows: int, out: str):
+def _probe_worker(
+    rank: int, world: int, init_file: str, n: int, d: int, rows: int, out: str, repeats: int = 5
+) -> None:
     import torch.distributed as dist
     from torch import nn
 
@@ -115,7 +117,7 @@ def _probe_worker(rank: int, world: int, init_file: str, n: int, d: int, rows: i
         table = nn.Embedding(n, d, sparse=sparse)
         ddp = nn.parallel.DistributedDataParallel(table)
         times = []
-        for _ in range(5):
+        for _ in range(repeats):
             table.zero_grad(set_to_none=True)
             dist.barrier()
             start = time.perf_counter()
@@ -140,14 +142,21 @@ def _probe_worker(rank: int, world: int, init_file: str, n: int, d: int, rows: i
     dist.destroy_process_group()
 
 
-def sparse_probe(n: int, d: int = 64, rows: int = 12_800, world: int = 2) -> dict[str, Any]:
+def sparse_probe(
+    n: int, d: int = 64, rows: int = 12_800, world: int = 2, repeats: int = 5
+) -> dict[str, Any]:
     """One DDP backward over an (n, d) embedding looked up at ``rows`` random ids per rank, with
     sparse and with dense gradients (rank 0's figures; ``union_rows`` = distinct ids over ranks)."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(_probe_worker, args=(world, init_file, n, d, rows, tmp), nprocs=world, join=True)
+        mp.spawn(
+            _probe_worker,
+            args=(world, init_file, n, d, rows, tmp, repeats),
+            nprocs=world,
+            join=True,
+        )
         result = json.loads(Path(tmp, "rank0.json").read_text(encoding="utf-8"))
     return {"n": n, "d": d, "rows_per_rank": rows, "world": world, **result}
 

@@ -492,7 +492,7 @@ def train(
         step = progress.step
         k = config.sampler.num_negatives
         warmup = UniformSampler()
-        step_loss = distributed.step_function(ctx, model, _step_loss)  # DDP when launched so
+        step_loss = distributed.step_function(ctx, model, _step_loss)  # DDP-wrapped under torchrun
         for epoch in range(progress.next_epoch, tc.epochs + 1):
             if progress.stopped:
                 break
