@@ -104,6 +104,10 @@ def export_run(
     run = Path(run_dir)
     _check_finished(run)
     out = _check_out_dir(Path(out_dir), overwrite)
+    if out.resolve() == run.resolve() or out.resolve() in run.resolve().parents:
+        raise ExportError(
+            f"export folder {out} would replace the run folder {run}; choose another OUT_DIR"
+        )
     config, best = load_run(run)
     prepared = prepare_data(config)
     n_items = prepared.n_items
@@ -356,7 +360,7 @@ class Recommender:
             labels = json.loads((folder / LABELS).read_text(encoding="utf-8"))
         recommender = cls(model, index, manifest, labels)
         # The first forward pass and search pay one-off setup costs; pay them here, not per query.
-        recommender.recommend_batch([[1]], 1)
+        recommender._recommend_ids([[1]], 1)
         return recommender
 
     @property
@@ -382,13 +386,16 @@ class Recommender:
         Raises:
             ExportError: empty history, unknown item ids, or k out of range.
         """
-        ids = self._to_ids(history)
-        return self.recommend_batch([ids], k)[0]
+        return self.recommend_batch([history], k)[0]
 
-    def recommend_batch(self, histories: Sequence[Sequence[int]], k: int = 10) -> list:
-        """Top-k items for B histories of item ids 1..N (see :meth:`recommend`): the B hidden
-        states are encoded in one forward pass, (B, max_len) -> (B, d), and searched one by one
-        (each with its own history excluded)."""
+    def recommend_batch(self, histories: Sequence[Sequence[int | str]], k: int = 10) -> list:
+        """Top-k items for B histories (see :meth:`recommend`): the B hidden states are encoded
+        in one forward pass, (B, max_len) -> (B, d), and searched one by one (each with its own
+        history excluded). Returns B :class:`Recommendations`."""
+        return self._recommend_ids([self._to_ids(history) for history in histories], k)
+
+    def _recommend_ids(self, histories: list[list[int]], k: int) -> list:
+        """:meth:`recommend_batch` for histories already mapped to item ids 1..N."""
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ExportError(f"k must be a positive integer, got {k!r}")
         seqs = np.zeros((len(histories), self.max_len), dtype=np.int64)

@@ -291,3 +291,10 @@ def test_build_ivf_labels_are_item_ids():
     _, I = index.search(xb[:3], 1)
     # exhaustive inner-product search: the top item is the exact argmax of xq · xb
     assert I[:, 0].tolist() == ((xb[:3] @ xb.T).argmax(axis=1) + 1).tolist()
+
+
+def test_the_run_folder_is_never_the_export_folder(run):
+    for target in (run, run.parent):
+        with pytest.raises(ExportError, match="would replace the run folder"):
+            export_run(run, target, overwrite=True)
+    assert (run / "best.pt").is_file()
