@@ -26,6 +26,7 @@ import functools
 import hashlib
 import logging
 import os
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -261,8 +262,16 @@ def launch(nproc: int, argv: list[str], out: Path | None = None) -> None:
         run(args)
     except ChildFailedError as error:
         failures = sorted(error.failures.items())
-        rank, failure = failures[0]
-        resume = f"; fix the cause and continue with annsample train --resume {out}" if out else ""
+        # the launcher SIGTERMs the survivors once one rank fails: name a rank that failed itself
+        causes = [(r, f) for r, f in failures if f.exitcode != -signal.SIGTERM] or failures
+        rank, failure = causes[0]
+        # exit code 2: the rank printed a user error (bad input) before anything was trained
+        user_error = all(f.exitcode == 2 for _, f in failures)
+        resume = (
+            f"; fix the cause and continue with annsample train --resume {out}"
+            if out is not None and not user_error
+            else ""
+        )
         raise RunError(
             f"distributed training failed: rank {rank} exited with code {failure.exitcode} "
             f"({len(failures)} of {nproc} ranks failed; each rank's error is printed above)"
