@@ -247,7 +247,9 @@ def export_command(
     metavar="ID,ID,...",
     help="The user's items, oldest first, comma-separated (e.g. 5,17,42).",
 )
-@click.option("-k", "k", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="How many items."
+)
 @click.option(
     "--nprobe", type=click.IntRange(min=1), default=None, help="Override the index's nprobe."
 )
