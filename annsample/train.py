@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from annsample import checkpoint as checkpoint_mod
 from annsample import data as data_mod
+from annsample import distributed
 from annsample.api import sample_negatives, sampled_logits, sampled_loss
 from annsample.config import RunConfig, config_to_dict, dump_config
 from annsample.errors import (
@@ -366,16 +367,17 @@ def train(
     weights, metrics records and results as the uninterrupted run.
     """
     out = Path(out_dir)
+    ctx = distributed.init(resolve_device(config.train.device))  # no-op unless torchrun started us
     checkpoint: dict[str, Any] | None = None
     if resume:
         checkpoint_path, checkpoint, corrupt = _resume_point(out)
         changed = checkpoint_mod.check_config(checkpoint, config_to_dict(config), checkpoint_path)
-    else:
+    elif ctx.is_main:
         check_run_dir(out, overwrite)
     tc = config.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = resolve_device(tc.device)
+    device = distributed.device_for(ctx, resolve_device(tc.device))
     seed_everything(config.seed)
     prepared = prepare_data(config)
     split = prepared.split
@@ -397,11 +399,14 @@ def train(
     sampler_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     order_generator = torch.Generator().manual_seed(config.seed + 2)
     generators = {"sampler": sampler_generator, "order": order_generator}
+    distributed.decorrelate(ctx, config.seed, 0, [sampler_generator])
 
     refresher = schedule = monitor = None
     if config.loss.name != "full_ce" and config.sampler.name == "ann":
         refresher = make_index_refresher(config, config.model.hidden_size)
         schedule = make_refresh_schedule(config)
+        if ctx.enabled:
+            refresher = distributed.AgreedRefresher(refresher, ctx)
     try:
         if refresher is not None and checkpoint is None:
             item_ids = torch.arange(1, split.n_items + 1, device=device)
@@ -415,13 +420,17 @@ def train(
         last_checkpoint: Path | None = None
         if checkpoint is not None:
             progress = _restore(checkpoint, model, optimizers, generators, refresher, schedule)
+            distributed.decorrelate(ctx, config.seed, progress.step, [sampler_generator])
             if monitor is not None and monitor.keep_built:
                 built = checkpoint["index"]["built"]
                 monitor.built = None if built is None else built.to(device)
             last_checkpoint = checkpoint_path
 
         # Everything above only reads; the run folder is created or changed from here on.
-        if checkpoint is None:
+        if not ctx.is_main:  # rank 0 owns the run folder; the others log beside it
+            distributed.barrier(ctx)
+            log = MetricsLog(distributed.rank_log_path(out, ctx))
+        elif checkpoint is None:
             out = prepare_run_dir(out, overwrite)
             dump_config(config, out / "config.yaml")
             log = MetricsLog(out / "metrics.jsonl")
@@ -432,10 +441,14 @@ def train(
                 logger.info("resuming with changed %s", ", ".join(changed))
                 dump_config(config, out / "config.yaml")
             logger.info("resuming %s from %s (step %d)", out, checkpoint_path.name, progress.step)
+        if ctx.is_main:
+            distributed.barrier(ctx)  # the folder is ready for the other ranks' logs
         del checkpoint  # the restored copies live on; free the loaded tensors
 
         def save(order_state: torch.Tensor) -> Path:
             """A full-state checkpoint; ``order_state`` redraws the current epoch's batches."""
+            if not ctx.is_main:
+                return None
             bad = _nonfinite_parameters(model)
             if bad:
                 raise NumericalError(
@@ -467,6 +480,7 @@ def train(
         step = progress.step
         k = config.sampler.num_negatives
         warmup = UniformSampler()
+        step_loss = distributed.step_function(ctx, model, _step_loss)  # DDP-wrapped under torchrun
         for epoch in range(progress.next_epoch, tc.epochs + 1):
             if progress.stopped:
                 break
@@ -476,6 +490,7 @@ def train(
             batches = make_batches(lengths, tc.batch_size, tc.bucket_by_length, order_generator)
             if tc.max_steps_per_epoch:
                 batches = batches[: tc.max_steps_per_epoch]
+            batches = distributed.shard_batches(ctx, batches)
             done, total_loss = progress.next_batch, progress.epoch_loss_sum
             elapsed = progress.epoch_elapsed
             bar = tqdm(
@@ -484,14 +499,13 @@ def train(
                 leave=False,
                 initial=done,
                 total=len(batches),
-                disable=not tc.show_progress,
+                disable=not tc.show_progress or not ctx.is_main,
             )
             for position, batch in enumerate(bar, start=done + 1):
                 width = int(lengths[batch].max())  # trim the all-padding left columns
                 seq = inputs[batch, -width:].to(device)
                 tgt = targets[batch, -width:].to(device)
-                loss = _step_loss(
-                    model,
+                loss = step_loss(
                     seq,
                     tgt,
                     prepared,
@@ -554,7 +568,12 @@ def train(
             if epoch % tc.eval_every and epoch != tc.epochs:
                 logger.info("epoch %d: loss %.4f (%.1f s)", epoch, mean_loss, seconds)
             else:
-                valid = evaluate_model(model, prepared, "valid", config, device)
+                valid = distributed.broadcast(
+                    ctx,
+                    evaluate_model(model, prepared, "valid", config, device)
+                    if ctx.is_main
+                    else None,
+                )
                 log.write(
                     step,
                     **{f"eval/valid/{key}": value for key, value in valid.items()},
@@ -571,7 +590,8 @@ def train(
                 if valid["ndcg@10"] > progress.best_ndcg:
                     progress.best_ndcg, progress.best_epoch = valid["ndcg@10"], epoch
                     progress.bad_evals = 0
-                    progress.best_digest = _save_best(model, out / "best.pt")
+                    if ctx.is_main:
+                        progress.best_digest = _save_best(model, out / "best.pt")
                 else:
                     progress.bad_evals += 1
                     if progress.bad_evals >= tc.patience:
@@ -596,6 +616,11 @@ def train(
         if refresher is not None:
             refresher.close()
 
+    if not ctx.is_main:  # rank 0 tests the best weights; the others take its results
+        log.close()
+        results = distributed.broadcast(ctx, None)
+        distributed.close(ctx)
+        return results
     model.load_state_dict(_load_best(out / "best.pt", progress.best_digest, device))
     valid = evaluate_model(model, prepared, "valid", config, device)
     test = evaluate_model(model, prepared, "test", config, device)
@@ -616,6 +641,8 @@ def train(
     # results.json (and at a million items three checkpoints hold gigabytes).
     shutil.rmtree(checkpoint_mod.checkpoint_folder(out), ignore_errors=True)
     logger.info("test: %s", ", ".join(f"{key} {value:.4f}" for key, value in test.items()))
+    distributed.broadcast(ctx, results)
+    distributed.close(ctx)
     return results
 
 

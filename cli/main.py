@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,9 +61,10 @@ def _check_writable(path: Path | None, flag: str) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
+    rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # set by torchrun
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     # faiss logs at INFO which CPU build it tried to load; only its warnings matter here
@@ -118,6 +120,14 @@ def main(verbose: bool) -> None:
     help="Train on a synthetic catalog of N items (e.g. 100k, 1M) instead of the config's dataset; "
     "from 100k items on, the ANN sampler and sparse embeddings are switched on (--set still wins).",
 )
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Train on N processes with DDP (gloo on CPU, NCCL on GPUs), launched through torch's "
+    "elastic launcher; train.batch_size stays the global batch.",
+)
 @_user_errors
 def train(
     config_path: Path | None,
@@ -126,6 +136,7 @@ def train(
     overwrite: bool,
     resume_dir: Path | None,
     catalog_size: str | None,
+    nproc: int,
 ) -> None:
     """Train a model and write config, metrics, checkpoint and results into the run folder."""
     from annsample.config import catalog_overrides, load_config
@@ -146,6 +157,8 @@ def train(
                 f"--resume continues RUN_DIR in place, on its own data; drop {', '.join(clashes)}"
             )
         config = load_config(config_path or run_config_path(resume_dir), overrides)
+        if nproc > 1:
+            return _launch(nproc, config_path, overrides, resume_dir, resume=True)
         results = run_training(config, resume_dir, resume=True)
         out = resume_dir
     else:
@@ -153,7 +166,11 @@ def train(
             overrides = catalog_overrides(parse_size(catalog_size)) + tuple(overrides)
         config = load_config(config_path, overrides)
         out = out_dir or default_run_dir(config)
+        if nproc > 1:
+            return _launch(nproc, config_path, overrides, out, overwrite=overwrite)
         results = run_training(config, out, overwrite=overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return None  # under torchrun, rank 0 reports
     click.echo(f"run folder: {out}")
     click.echo(_format_metrics("test", results["test"]))
 
@@ -192,6 +209,87 @@ def report(run_dirs: tuple[Path, ...], stage: str) -> None:
     from annsample.report import results_table
 
     click.echo(results_table(list(run_dirs), stage), nl=False)
+
+
+@main.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--nlist", type=click.IntRange(min=1), default=None, help="IVF lists (default ~sqrt(N))."
+)
+@click.option(
+    "--nprobe",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Lists probed per query when serving.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@_user_errors
+def export_command(
+    run_dir: Path, out_dir: Path, nlist: int | None, nprobe: int | None, overwrite: bool
+) -> None:
+    """Write a finished run's model, item embeddings, FAISS index and manifest for serving."""
+    from annsample.export import export_run
+
+    manifest = export_run(run_dir, out_dir, nlist=nlist, nprobe=nprobe, overwrite=overwrite)
+    index = manifest["index"]
+    click.echo(
+        f"export folder: {out_dir} ({manifest['n_items']} items, nlist {index['nlist']}, "
+        f"nprobe {index['nprobe']}, index recall@10 {index['recall@10']:.3f})"
+    )
+
+
+@main.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--history",
+    required=True,
+    metavar="ID,ID,...",
+    help="The user's items, oldest first, comma-separated (e.g. 5,17,42).",
+)
+@click.option(
+    "-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="How many items."
+)
+@click.option(
+    "--nprobe", type=click.IntRange(min=1), default=None, help="Override the index's nprobe."
+)
+@click.option("--scores", "with_scores", is_flag=True, help="Print 'id score' lines instead.")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="torch and FAISS threads (one query gains nothing from more, and waits for busy cores).",
+)
+@_user_errors
+def recommend(
+    export_dir: Path, history: str, k: int, nprobe: int | None, with_scores: bool, threads: int
+) -> None:
+    """Print the top-k item ids for a history (history items excluded) from an export folder."""
+    import time
+
+    import faiss
+    import torch
+
+    from annsample.export import Recommender, parse_history
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    start = time.perf_counter()
+    recommender = Recommender.load(export_dir)
+    loaded = time.perf_counter()
+    if nprobe is not None:
+        recommender.nprobe = nprobe
+    result = recommender.recommend(parse_history(history, recommender.labels is not None), k)
+    done = time.perf_counter()
+    logging.getLogger(__name__).info(
+        "loaded in %.0f ms, recommended in %.1f ms", 1e3 * (loaded - start), 1e3 * (done - loaded)
+    )
+    if with_scores:
+        for item, score in zip(result.ids, result.scores.tolist(), strict=True):
+            click.echo(f"{item} {score:.4f}")
+    else:
+        click.echo(" ".join(map(str, result.ids)))
 
 
 @main.command()
@@ -364,6 +462,31 @@ def bench_stall_command(
     click.echo(stall_table(records), nl=False)
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+
+
+def _launch(
+    nproc: int,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """``annsample train`` again on ``nproc`` ranks, with the run folder fixed here (a default
+    ``runs/<date>-<name>`` would differ between ranks started a second apart)."""
+    from annsample.distributed import launch, launched_world_size
+
+    if launched_world_size() > 1:
+        raise click.UsageError("--nproc is for launching; under torchrun, drop it")
+    argv = ["train"]
+    if config_path is not None:
+        argv += ["--config", str(config_path)]
+    for override in overrides:
+        argv += ["--set", override]
+    argv += ["--resume", str(out)] if resume else ["--out", str(out)]
+    if overwrite:
+        argv.append("--overwrite")
+    launch(nproc, argv, out)
 
 
 def _format_metrics(stage: str, metrics: dict[str, float]) -> str:
