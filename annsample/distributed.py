@@ -266,7 +266,7 @@ def launch(nproc: int, argv: list[str], out: Path | None = None) -> None:
         causes = [(r, f) for r, f in failures if f.exitcode != -signal.SIGTERM] or failures
         rank, failure = causes[0]
         # exit code 2: the rank printed a user error (bad input) before anything was trained
-        user_error = all(f.exitcode == 2 for _, f in failures)
+        user_error = all(f.exitcode == 2 for _, f in causes)
         resume = (
             f"; fix the cause and continue with annsample train --resume {out}"
             if out is not None and not user_error

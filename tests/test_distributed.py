@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,7 +213,8 @@ def test_a_failing_rank_fails_the_job_with_one_clear_error(tmp_path):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     # each rank names the cause; the launcher's line names the failed rank and how to go on
     assert any("data/missing.txt" in line for line in errors), done.stderr[-2000:]
-    assert errors[-1].startswith("error: distributed training failed: rank 0 exited with code 2")
+    # whichever rank fails first is named; the other may be stopped by the launcher
+    assert re.match(r"error: distributed training failed: rank [01] exited with code 2", errors[-1])
     assert "--resume" not in errors[-1]  # bad input: nothing to resume
 
 
