@@ -380,7 +380,12 @@ class ItemIndex:
         xb = _check_matrix(xb, "xb", self.dim)
         ids = self._ids_for_refresh(ids, xb, contents)
         step = _as_int(step, "step")
-        stored, norms, max_norm = self._transform(self._to_compute_device(xb))
+        # l2_augmented keeps the M the centroids were trained with: recomputing it would move every
+        # row's extra coordinate while the centroids keep the old one, and one list would swallow
+        # most rows. Rows that outgrow M get extra coordinate 0 until the next retrain.
+        stored, norms, max_norm = self._transform(
+            self._to_compute_device(xb), max_norm=contents.max_norm
+        )
         self._contents = self._fill(stored, contents.centroids, ids, norms, max_norm, step)
         self._log("re_add", start)
 
@@ -399,9 +404,11 @@ class ItemIndex:
         if self._resolved != "exact":
             self._check_enough_rows(xb.shape[0])
             train = self._training_sample(stored, step)
-            # Warm start: the old centroids are close, so a few iterations suffice. (For
-            # l2_augmented their extra coordinate follows the old M; k-means corrects it.)
-            centroids = self._kmeans(train, contents.centroids.to(train.device))
+            # Warm start: the old centroids are close, so a few iterations suffice.
+            init = contents.centroids.to(train.device)
+            if self.metric == "l2_augmented" and contents.max_norm is not None:
+                init = _shift_augmented_centroids(init, contents.max_norm, max_norm)
+            centroids = self._kmeans(train, init)
         self._contents = self._fill(stored, centroids, ids, norms, max_norm, step)
         self._log("retrain", start)
 
@@ -626,11 +633,12 @@ class ItemIndex:
         return xb
 
     def _transform(
-        self, xb: torch.Tensor
+        self, xb: torch.Tensor, max_norm: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
         """Map xb (N, d) into the searched space: (stored (N, d'), norms, max_norm).
 
-        For metric "ip" ``stored`` may alias ``xb``.
+        For metric "ip" ``stored`` may alias ``xb``. For "l2_augmented", ``max_norm`` fixes M (a
+        re-add keeps the centroids' M); None takes the largest row norm of ``xb``.
         """
         if self.metric == "ip":
             return xb.contiguous(), None, None
@@ -639,7 +647,7 @@ class ItemIndex:
             norms = squared.sqrt()
             return (xb / norms.clamp_min(1e-30)[:, None]).contiguous(), norms, None
         # l2_augmented: every stored row gets norm M, so L2 in d + 1 dims ranks like IP in d.
-        max_squared = float(squared.max())
+        max_squared = float(squared.max()) if max_norm is None else max_norm**2
         extra = (max_squared - squared).clamp_min(0).sqrt()
         stored = torch.cat([xb, extra[:, None]], dim=1).contiguous()
         return stored, None, max_squared**0.5
@@ -819,6 +827,18 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, l2: bool = False)
             scores += scores_bias  # argmin |x-c|^2 == argmax x·c - |c|^2/2
         out[r0 : r0 + rows] = scores.argmax(dim=1)
     return out
+
+
+def _shift_augmented_centroids(centroids: torch.Tensor, old: float, new: float) -> torch.Tensor:
+    """(nlist, d + 1) l2_augmented centroids moved from M = ``old`` to M = ``new``.
+
+    A row's extra coordinate sqrt(M^2 - |x|^2) squared shifts by new^2 - old^2 when M changes; the
+    centroids' extra coordinate gets the same shift, so they stay where their rows now are.
+    """
+    shifted = centroids.clone()
+    extra = shifted[:, -1]
+    shifted[:, -1] = (extra * extra + (new * new - old * old)).clamp_min(0).sqrt()
+    return shifted
 
 
 def _ivf_from_assignment(

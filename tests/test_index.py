@@ -184,6 +184,49 @@ def test_re_add_follows_moved_embeddings(mixture, queries):
     assert torch.equal(index.search(queries, 5)[1], exact_topk(queries, moved, 5)[1])
 
 
+def _largest_list(index: ItemIndex) -> int:
+    invlists = faiss.downcast_InvertedLists(index._contents.ivf.invlists)
+    return max(invlists.list_size(i) for i in range(index.nlist))
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2_augmented", "cosine"])
+@pytest.mark.parametrize("drift", [0.2, 0.5])
+def test_re_add_on_drifting_embeddings_never_does_worse_than_no_refresh(metric, drift, queries):
+    # Every row moves by noise of `drift` times its norm and a few rows grow (popular items do):
+    # under l2_augmented a re-add that recomputed M moved every row's extra coordinate away from
+    # the centroids', and one list swallowed most rows (recall below the stale index's).
+    xb = gaussian_mixture(6000, seed=3)
+    g = torch.Generator().manual_seed(11)
+    moved = xb + drift * xb.norm(dim=1, keepdim=True) / D_MODEL**0.5 * torch.randn(
+        xb.shape, generator=g
+    )
+    moved[:12] *= 1 + 3 * drift
+    _, I_moved = exact_topk(queries, moved, 50)
+    index = faiss_index(metric, nlist=48, nprobe=4).build(xb)
+    largest_built = _largest_list(index)
+    stale = recall_at_k(index.search(queries, 50)[1], I_moved)
+    index.re_add(moved, step=1)
+    refreshed = recall_at_k(index.search(queries, 50)[1], I_moved)
+    assert refreshed >= stale, (stale, refreshed)
+    assert _largest_list(index) <= 2 * largest_built
+
+
+def test_l2_augmented_re_add_keeps_the_centroids_augmentation_and_retrain_renews_it(queries):
+    xb = gaussian_mixture(4000, seed=3)
+    index = faiss_index("l2_augmented", nlist=32, nprobe=32).build(xb)
+    built_norm = index.state_dict(with_vectors=False)["max_norm"]
+    assert built_norm == pytest.approx(float(xb.norm(dim=1).max()), rel=1e-5)
+    grown = xb * 2.0
+    index.re_add(grown, step=1)
+    assert index.state_dict(with_vectors=False)["max_norm"] == built_norm
+    # nprobe == nlist: still exact, whatever M is (rows past M just get extra coordinate 0)
+    assert torch.equal(index.search(queries, 10)[1], exact_topk(queries, grown, 10)[1])
+    index.retrain(grown, step=2)
+    assert index.state_dict(with_vectors=False)["max_norm"] == pytest.approx(
+        2 * built_norm, rel=1e-5
+    )
+
+
 def test_retrain_changes_centroids_and_keeps_recall(mixture, queries):
     index = faiss_index(nprobe=4).build(mixture)
     _, I_exact = exact_topk(queries, mixture, 20)
