@@ -15,6 +15,7 @@ approximate result is measured against, and ``recall_at_k`` compares the two.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import threading
 import time
@@ -43,6 +44,56 @@ _BLOCK_ELEMENTS = 1 << 24
 
 # (n_train, nlist) pairs already warned about, so periodic retrains log the warning once.
 _warned_small_training_sets: set[tuple[int, int]] = set()
+
+
+def default_nlist(n: int) -> int:
+    """The IVF list count for a catalog of ``n`` items: round(sqrt(n)), at most n // 39, at least 1.
+
+    sqrt(n) lists of about sqrt(n) items balance the two costs of a query (scoring the centroids
+    and scanning the probed lists); the cap keeps the 39 training points per centroid FAISS's
+    k-means asks for. ``sampler.index.nlist: 0`` (the default) means this.
+
+    >>> default_nlist(12101), default_nlist(1_000_000), default_nlist(100)
+    (110, 1000, 2)
+    """
+    n = _as_int(n, "n")
+    if n < 1:
+        raise ItemIndexError(f"the catalog must hold at least one item, got n={n}")
+    return max(1, min(round(math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed per query for ``nlist`` lists: ceil(nlist / 8), at least 1 (an eighth of the
+    catalog scanned per query). ``sampler.index.nprobe: 0`` (the default) means this.
+
+    >>> default_nprobe(110), default_nprobe(1000), default_nprobe(2)
+    (14, 125, 1)
+    """
+    nlist = _as_int(nlist, "nlist")
+    if nlist < 1:
+        raise ItemIndexError(f"nlist={nlist} must be positive")
+    return max(1, math.ceil(nlist / 8))
+
+
+def resolve_nlist_nprobe(nlist: int, nprobe: int, n: int) -> tuple[int, int]:
+    """(nlist, nprobe) for a catalog of ``n`` items, 0 meaning the default rule for either.
+
+    >>> resolve_nlist_nprobe(0, 0, 12101), resolve_nlist_nprobe(128, 0, 12101)
+    ((110, 14), (128, 16))
+    """
+    nlist = _as_int(nlist, "nlist") or default_nlist(n)
+    nprobe = _as_int(nprobe, "nprobe") or default_nprobe(nlist)
+    if nlist > n:
+        raise ItemIndexError(
+            f"nlist={nlist} is larger than the catalog's {n} items; lower it or set nlist=0 for "
+            f"default_nlist(N) = {default_nlist(n)} (sqrt(N), at most N // 39)"
+        )
+    if nprobe > nlist:
+        raise ItemIndexError(
+            f"nprobe={nprobe} must be at most nlist={nlist}; lower it or set nprobe=0 for "
+            f"default_nprobe(nlist) = {default_nprobe(nlist)} (nlist / 8)"
+        )
+    return nlist, nprobe
 
 
 def _faiss_gpu_available() -> bool:
@@ -464,6 +515,18 @@ class ItemIndex:
             D, I = self._finish(contents, D, I)
         return D.to(out_device), I.to(out_device)
 
+    def list_sizes(self) -> torch.Tensor:
+        """(nlist,) int64 number of items in each IVF list (a balance check: one list holding most
+        items means every probe scans most of the catalog)."""
+        contents = self._require_centroids("list_sizes")
+        if contents.centroids is None:
+            raise ItemIndexError("the exact backend has no IVF lists")
+        if contents.ntotal == 0:
+            return torch.zeros(self._nlist, dtype=torch.int64)
+        ivf = contents.ivf if contents.ivf is not None else faiss.index_gpu_to_cpu(contents.gpu_ivf)
+        invlists = faiss.downcast_InvertedLists(ivf.invlists)
+        return torch.tensor([invlists.list_size(i) for i in range(self._nlist)], dtype=torch.int64)
+
     # ----------------------------------------------------------------------------- state
 
     def state_dict(self, with_vectors: bool = True) -> dict[str, Any]:
@@ -613,7 +676,7 @@ class ItemIndex:
         if self._nlist > n:
             raise ItemIndexError(
                 f"nlist={self._nlist} is larger than the number of items N={n}; lower nlist to at "
-                f"most N (about 4 * sqrt(N) = {max(1, int(4 * n**0.5))} is a common choice)"
+                f"most N (default_nlist(N) = {default_nlist(n)}: sqrt(N), at most N // 39)"
             )
 
     def _resolve_backend(self, xb: torch.Tensor) -> str:

@@ -32,6 +32,7 @@ from annsample.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    ItemIndexError,
     NumericalError,
     RunError,
     SamplerError,
@@ -209,18 +210,34 @@ def build_sampler(config: RunConfig, prepared: Prepared, index_source=None):
     raise ValueError(f"unknown sampler {s.name!r}")  # config validation makes this unreachable
 
 
-def make_index_refresher(config: RunConfig, dim: int):
-    """An :class:`IndexRefresher` over an :class:`ItemIndex` configured by ``sampler.index``."""
-    from annsample.index import ItemIndex
+def make_index_refresher(config: RunConfig, dim: int, n_items: int | None = None):
+    """An :class:`IndexRefresher` over an :class:`ItemIndex` configured by ``sampler.index``.
+
+    ``n_items`` (the catalog size) resolves ``nlist: 0`` / ``nprobe: 0`` by the default rule
+    (:func:`annsample.index.resolve_nlist_nprobe`).
+    """
+    from annsample.index import ItemIndex, resolve_nlist_nprobe
     from annsample.refresh import IndexRefresher
 
     ic = config.sampler.index
+    if n_items is None:
+        if not (ic.nlist and ic.nprobe):
+            raise ConfigError(
+                "sampler.index.nlist / nprobe = 0 follow the catalog size: pass n_items to "
+                "make_index_refresher, or set both explicitly"
+            )
+        nlist, nprobe = ic.nlist, ic.nprobe
+    else:
+        try:
+            nlist, nprobe = resolve_nlist_nprobe(ic.nlist, ic.nprobe, n_items)
+        except ItemIndexError as error:
+            raise ConfigError(f"sampler.index: {error}") from None
 
     def factory() -> ItemIndex:
         return ItemIndex(
             dim,
-            nlist=ic.nlist,
-            nprobe=ic.nprobe,
+            nlist=nlist,
+            nprobe=nprobe,
             backend=ic.backend,
             metric=ic.metric,
             seed=config.seed,
@@ -259,6 +276,13 @@ def check_sampler_fits(config: RunConfig, prepared: Prepared) -> None:
     s, n_items = config.sampler, prepared.n_items
     if config.loss.name == "full_ce":
         return
+    if s.name == "ann":
+        from annsample.index import resolve_nlist_nprobe
+
+        try:
+            resolve_nlist_nprobe(s.index.nlist, s.index.nprobe, n_items)
+        except ItemIndexError as error:
+            raise ConfigError(f"sampler.index: {error}") from None
     if s.name == "ann" and s.candidates > n_items:
         raise ConfigError(
             f"sampler.candidates={s.candidates} is more than the catalog's {n_items} items; "
@@ -412,7 +436,7 @@ def train(
 
     refresher = schedule = monitor = None
     if config.loss.name != "full_ce" and config.sampler.name == "ann":
-        refresher = make_index_refresher(config, config.model.hidden_size)
+        refresher = make_index_refresher(config, config.model.hidden_size, prepared.n_items)
         schedule = make_refresh_schedule(config)
     try:
         if refresher is not None and checkpoint is None:

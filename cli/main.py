@@ -145,7 +145,10 @@ def train(
             raise click.UsageError(
                 f"--resume continues RUN_DIR in place, on its own data; drop {', '.join(clashes)}"
             )
-        config = load_config(config_path or run_config_path(resume_dir), overrides)
+        # the run's own config.yaml lists every key: settings its sampler ignores are not errors
+        config = load_config(
+            config_path or run_config_path(resume_dir), overrides, check_ignored=bool(config_path)
+        )
         results = run_training(config, resume_dir, resume=True)
         out = resume_dir
     else:
