@@ -57,12 +57,13 @@ def bench_stall(
         f"train.max_steps_per_epoch={steps}",
         "train.eval_users=200",
         "train.show_progress=false",
-        f"sampler.index.refresh_every={refresh_every}",
         "sampler.index.probe_every=1000000000",  # no probes: they would count as refresh cost
     )
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="annsample-stall-"))
     records = []
     for mode, overrides in MODES.items():
+        if mode != "never":  # refresh=never reads no refresh_every (setting it is an error)
+            overrides = overrides + (f"sampler.index.refresh_every={refresh_every}",)
         config = load_config(None, base + overrides + tuple(extra_overrides))
         train(config, root / mode, overwrite=True)
         records.append(

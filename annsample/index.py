@@ -85,8 +85,8 @@ def resolve_nlist_nprobe(nlist: int, nprobe: int, n: int) -> tuple[int, int]:
     nprobe = _as_int(nprobe, "nprobe") or default_nprobe(nlist)
     if nlist > n:
         raise ItemIndexError(
-            f"nlist={nlist} is larger than the catalog's {n} items; lower it or set nlist=0 for "
-            f"default_nlist(N) = {default_nlist(n)} (sqrt(N), at most N // 39)"
+            f"nlist={nlist} is larger than the number of items N={n}; lower it, or set nlist=0 "
+            f"for default_nlist(N) = {default_nlist(n)} (sqrt(N), at most N // 39)"
         )
     if nprobe > nlist:
         raise ItemIndexError(

@@ -770,7 +770,7 @@ class StalenessMonitor:
     def __init__(
         self, model: SASRec, prepared: Prepared, config: RunConfig, sampler, device
     ) -> None:
-        from annsample.staleness import probe_exclusions
+        from annsample.staleness import BuiltSnapshots, probe_exclusions
 
         self.model, self.sampler, self.config = model, sampler, config
         ic = config.sampler.index
@@ -791,7 +791,18 @@ class StalenessMonitor:
         self.keep_built = (
             ic.refresh == "adaptive" or ic.probe_every > 0 or split.n_items <= 2_000_000
         )
-        self.built = _index_snapshot(model) if self.keep_built else None
+        self.snapshots = BuiltSnapshots(_index_snapshot(model) if self.keep_built else None)
+
+    @property
+    def built(self) -> torch.Tensor | None:
+        """The (N, d) table the published index was built from (None when drift is not kept)."""
+        return self.snapshots.built
+
+    @built.setter
+    def built(self, value: torch.Tensor | None) -> None:
+        from annsample.staleness import BuiltSnapshots
+
+        self.snapshots = BuiltSnapshots(value)
 
     def measure(self) -> dict[str, float]:
         from annsample.staleness import measure_staleness
@@ -808,6 +819,7 @@ class StalenessMonitor:
 
     def after_step(self, refresher, schedule, step: int, epoch_end: bool, log: MetricsLog) -> None:
         refresher.poll()  # a background failure surfaces here, in the training thread
+        self.snapshots.sync(refresher.current().version)  # an async refresh may have landed
         stats: dict[str, float] = {}
         due = schedule.needs_stats(step) or (self.probe_every and step % self.probe_every == 0)
         if due and not epoch_end:  # the epoch-end call repeats the epoch's last step
@@ -830,8 +842,9 @@ class StalenessMonitor:
             refresher.request(kind, snapshot, step)
             stats["index/request_seconds"] = time.perf_counter() - t0
             stats["index/refresh"] = kind
-            if self.keep_built:
-                self.built = snapshot
+            # built once published (at once when synchronous; a skipped async request never is)
+            self.snapshots.requested(step, snapshot)
+            self.snapshots.sync(refresher.current().version)
         if stats:
             log.write(step, **stats, **refresher.stats(step))
 
