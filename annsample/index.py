@@ -392,7 +392,9 @@ class ItemIndex:
 
         Args:
             xb: (N, d) float32 item embeddings (e.g. the item table without its padding row).
-            ids: (N,) int64 non-negative unique ids returned by ``search``; default arange(N).
+            ids: (N,) int64 non-negative unique ids returned by ``search``; default arange(N), row
+                numbers. For ``AnnSampler`` pass item ids, ``torch.arange(1, N + 1)`` for the table
+                without its padding row: it refuses an index that returns id 0 (padding).
             step: the training step these embeddings come from; becomes ``version``.
 
         Returns:

@@ -41,23 +41,28 @@ class Exclusions:
     """The items each position may not draw: padding, its positive, and its row's history.
 
     Args:
-        history: (R, H) int64, row r lists the items excluded for sequence r, sorted ascending, each
-            at most once, padded on the right with any value > n_items. ``H`` may be 0.
-        row: (P,) int64, the history row of each position (which sequence it belongs to).
-        positives: (P,) int64 positive item of each position.
+        history: (R, H) int64, row r lists the items excluded for sequence r, in any order,
+            repeats allowed; values outside 1..n_items (0, negatives, anything > n_items) are
+            padding. ``H`` may be 0. Rows are normalised to sorted, unique, right-padded.
+        row: (P,) int64, the history row of each position (which sequence it belongs to), in [0, R).
+        positives: (P,) int64 positive item of each position, in 1..n_items.
         n_items: catalog size N.
+
+    Raises:
+        SamplerError: wrong shapes or dtypes, a row outside [0, R), a positive outside 1..N.
     """
 
     def __init__(
         self, history: torch.Tensor, row: torch.Tensor, positives: torch.Tensor, n_items: int
     ) -> None:
+        _check_exclusion_inputs(history, row, positives, n_items)
         R, H = history.shape
         self.n_items = n_items
         self.row = row
         self.positives = positives
         self.n_rows = R
         device = history.device
-        history = torch.where(history > n_items, n_items + 1, history)
+        history = _normalise_history(history, n_items)
         if H == 0:
             history = torch.full((R, 1), n_items + 1, dtype=torch.int64, device=device)
             H = 1
@@ -141,6 +146,47 @@ class Exclusions:
         mask[:, 0] = True
         mask[torch.arange(P, device=mask.device), self.positives] = True
         return mask[:, : self.n_items + 1]
+
+
+def _check_exclusion_inputs(
+    history: torch.Tensor, row: torch.Tensor, positives: torch.Tensor, n_items: int
+) -> None:
+    """Raise SamplerError unless the Exclusions inputs have the documented shapes and ranges."""
+    for name, x, dim in (("history", history, 2), ("row", row, 1), ("positives", positives, 1)):
+        if not isinstance(x, torch.Tensor) or x.dim() != dim or x.dtype != torch.int64:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise SamplerError(
+                f"Exclusions {name} must be a {dim}-D int64 tensor, got {got}; convert with .long()"
+            )
+    if row.shape != positives.shape:
+        raise SamplerError(
+            f"Exclusions row {tuple(row.shape)} and positives {tuple(positives.shape)} must have "
+            "one entry per position each"
+        )
+    if row.numel() and (int(row.min()) < 0 or int(row.max()) >= history.shape[0]):
+        raise SamplerError(
+            f"Exclusions row holds {int(row.min())}..{int(row.max())} but history has "
+            f"{history.shape[0]} rows; each position's row must index history"
+        )
+    if positives.numel() and (int(positives.min()) < 1 or int(positives.max()) > n_items):
+        raise SamplerError(
+            f"Exclusions positives hold {int(positives.min())}..{int(positives.max())} but item ids "
+            f"run from 1 to n_items={n_items} (0 is padding); pass only real positions"
+        )
+
+
+def _normalise_history(history: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(R, H) rows sorted ascending, each item once, padded on the right with n_items + 1."""
+    pad = n_items + 1
+    history = torch.where((history < 1) | (history > n_items), pad, history)
+    if history.shape[1] < 2:
+        return history
+    history = history.sort(dim=1).values
+    repeat = torch.zeros_like(history, dtype=torch.bool)
+    repeat[:, 1:] = (history[:, 1:] == history[:, :-1]) & (history[:, 1:] <= n_items)
+    if bool(repeat.any()):
+        history = history.masked_fill(repeat, pad).sort(dim=1).values
+    return history
 
 
 def _uniform_int(high: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
@@ -502,6 +548,19 @@ def _slot_mass(ids: torch.Tensor, slot_ids: torch.Tensor, slot_p: torch.Tensor) 
     return (cumulative.gather(1, hi) - cumulative.gather(1, lo)).clamp_(min=0.0)
 
 
+_PADDING_ID_MESSAGE = (
+    "the index returns item id 0, which is padding: item ids run from 1 to N, so build it with "
+    "ids=torch.arange(1, N + 1) (row r of item_embeddings[1:] is item r + 1)"
+)
+
+
+def _check_candidate_ids(I: torch.Tensor) -> torch.Tensor:
+    """I (Q, K) unchanged, or SamplerError if the index speaks row numbers (id 0) not item ids."""
+    if bool((I == 0).any()):
+        raise SamplerError(_PADDING_ID_MESSAGE)
+    return I
+
+
 class AnnSampler:
     """The product: GenNi negatives from an IVF index's candidates, rescored with current embeddings.
 
@@ -545,6 +604,9 @@ class AnnSampler:
             raise SamplerError(f"ann query mode {query!r} unknown; use 'position' or 'sequence'")
         if not 0.0 <= epsilon <= 1.0:
             raise SamplerError(f"ann epsilon must be in [0, 1], got {epsilon}")
+        ids = getattr(index, "ids", None)  # an ItemIndex's ids, once built
+        if isinstance(ids, torch.Tensor) and ids.numel() and int(ids.min()) < 1:
+            raise SamplerError(_PADDING_ID_MESSAGE)
         self.index = index
         self.alpha = alpha
         self.candidates = candidates
@@ -565,9 +627,9 @@ class AnnSampler:
                     "ann query='sequence' needs sequence_queries (one hidden state per row)"
                 )
             _, I = index.search(sequence_queries.float().contiguous(), self.candidates)
-            return I.to(queries.device)[exclusions.row]
+            return _check_candidate_ids(I).to(queries.device)[exclusions.row]
         _, I = index.search(queries.float().contiguous(), self.candidates)
-        return I.to(queries.device)
+        return _check_candidate_ids(I).to(queries.device)
 
     def _rescore(self, queries, item_embeddings, candidates) -> torch.Tensor:
         P, d = queries.shape

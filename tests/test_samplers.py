@@ -418,3 +418,48 @@ def test_default_ann_sampler_is_close_to_exact_genni_on_a_flat_model(spread):
     former = tv(alpha=1.0, candidates=200, epsilon=0.05, tail_samples=0)
     assert default < 0.1, default
     assert former > 0.5, former  # the measurement can tell the two apart
+
+
+def test_exclusions_normalise_unsorted_repeated_and_zero_history_ids():
+    # the same sets as `problem`'s history, shuffled, repeated, with 0 / negative / > N padding
+    messy = torch.tensor([[7, 0, 5, 2, 5, 2], [9, 30, 4, 1, 3, -2], [0, 0, 31, 40, 0, 0]])
+    clean = torch.tensor([[2, 5, 7, 31, 31], [1, 3, 4, 9, 30], [31, 31, 31, 31, 31]])
+    row = torch.tensor([0, 0, 1, 1, 1, 2])
+    positives = torch.tensor([5, 11, 9, 12, 3, 6])
+    a, b = Exclusions(messy, row, positives, N), Exclusions(clean, row, positives, N)
+    assert torch.equal(a.dense_mask(), b.dense_mask())
+    assert torch.equal(a.n_allowed, b.n_allowed)
+    rank = torch.arange(int(a.n_allowed.min()))[None, :].expand(6, -1)
+    assert torch.equal(a.rank_to_item(rank), b.rank_to_item(rank))
+    ids = UniformSampler().sample(None, None, a, 500, torch.Generator().manual_seed(0)).ids
+    assert not bool(a.dense_mask().gather(1, ids).any())  # no excluded item is ever drawn
+
+
+@pytest.mark.parametrize(
+    ("history", "row", "positives", "message"),
+    [
+        (torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([0]), "positives hold 0..0"),
+        (torch.tensor([[1, 2]]), torch.tensor([0]), torch.tensor([N + 1]), "run from 1 to"),
+        (torch.tensor([[1, 2]]), torch.tensor([1]), torch.tensor([3]), "history has 1 rows"),
+        (torch.tensor([[1.0, 2.0]]), torch.tensor([0]), torch.tensor([3]), "history must be"),
+        (torch.tensor([[1, 2]]), torch.tensor([0, 0]), torch.tensor([3]), "one entry per position"),
+    ],
+)
+def test_exclusions_reject_malformed_input(history, row, positives, message):
+    with pytest.raises(SamplerError, match=message):
+        Exclusions(history, row, positives, N)
+
+
+def test_ann_refuses_an_index_that_returns_row_numbers_instead_of_item_ids(problem):
+    from annsample.index import ItemIndex
+
+    queries, items, exclusions = problem
+    rows = ItemIndex(D, nlist=2, nprobe=2, backend="faiss").build(items[1:].contiguous())
+    with pytest.raises(SamplerError, match=r"ids=torch.arange\(1, N \+ 1\)"):
+        AnnSampler(rows, candidates=N)
+    # an index the sampler cannot inspect is caught at the first search that returns id 0
+    wrapped = BruteForceIndex(items[1:], torch.arange(N))
+    with pytest.raises(SamplerError, match="returns item id 0, which is padding"):
+        AnnSampler(wrapped, candidates=N).sample(
+            queries, items, exclusions, 1, torch.Generator().manual_seed(0)
+        )
