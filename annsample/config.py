@@ -80,7 +80,7 @@ class SamplerConfig:
     query: str = (
         "position"  # ann: "position" (every position queries) or "sequence" (last state queries)
     )
-    warmup_steps: int = 0  # use uniform negatives for the first steps (model-aware samplers only)
+    warmup_steps: int = 0  # uniform negatives for the first steps (any sampler but uniform)
     index: IndexConfig = field(default_factory=IndexConfig)
 
 
