@@ -388,6 +388,7 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
             "sampler.name=ann",
             "sampler.query=sequence",
             "sampler.index.nprobe=16",  # default_nprobe (nlist / 8) costs too much per step here
+            "sampler.index.refresh_every=100",  # a 1M re-add takes ~1 s: every 10 steps is too often
             "model.sparse_embeddings=true",
             "train.eval_users=5000",
             "train.epochs=3",

@@ -27,10 +27,13 @@ class Negatives:
 
     Attributes:
         ids: (P, k) int64 item ids in 1..N.
-        log_q: (P, k) float32 log probability of drawing each id under the sampler's proposal for
-            that position. Exact for samplers with ``exact_log_q`` (for ``ann`` with
-            ``tail_samples``: the proposal averaged over the tail draw, see :class:`AnnSampler`);
-            for ``pool`` it is conditional on the shared pool, and ``dns`` reports zeros.
+        log_q: (P, k) float32 log proposal probability of each id for that position. Exact for
+            ``uniform``, ``popularity``, ``exact`` and ``ann`` without a tail. ``ann`` with
+            ``tail_samples``: log[(1-ε)·exp(α·s_j)/W + ε/n_allowed], W the call's normaliser (an
+            unbiased estimate of the GenNi partition function Z from the shared tail draw):
+            neither the conditional nor the marginal probability, but what keeps
+            Σ exp(α·s_j)/q_j unbiased for Z (see :class:`AnnSampler`). ``pool``: conditional on
+            the shared pool; ``dns``: zeros.
     """
 
     ids: torch.Tensor
@@ -499,11 +502,10 @@ def _draw_from_candidates(
         candidates: (P, M) int64 candidate ids (a repeated id's slots add up).
         epsilon: uniform mass, a float or (P,) per row; rows with no usable candidate use ε = 1.
         tail: the last ``tail`` slots are a random uniform tail whose logits carry the weight
-            log(n_tail / M'), standing in for every item outside the first M - tail slots. Those
-            items then get the mass the proposal gives them averaged over tail draws (to first
-            order in M' / N), exp(α·s_u) / W with W the slot normaliser, rather than the mass given
-            this draw, which would count each tail item once and make Σ exp(α·s_j) / q_j miss the
-            mass outside the candidates.
+            log(n_tail / M'), standing in for every item outside the first M - tail slots. Every
+            drawn id gets exp(α·s_j) / W, W the slot normaliser (GenNi's probability with Z
+            replaced by its estimate W), rather than its conditional mass, which would count each
+            tail item once and make Σ exp(α·s_j) / q_j miss the mass outside the candidates.
         score: with ``tail``, ``score(rows, ids)`` -> the α-scaled scores of those (row, id) pairs.
     Returns:
         ids (P, k) and the log probability of each id under that mixture: exact without a tail.
@@ -577,11 +579,15 @@ class AnnSampler:
             softmax share estimates the GenNi mass outside the candidates, so the proposal tracks
             exact GenNi when its distribution is flat (early training) or the index is stale, and
             stays on the candidates when they hold the mass. The draws follow the proposal given
-            the tail draw (:meth:`probabilities`); ``log_q`` is that proposal averaged over tail
-            draws, to first order in M / N, so that Σ exp(α·s_j) / q_j still estimates the
-            partition function without bias (the conditional q would count each tail item once
-            and a sampled softmax would miss the mass outside the candidates). With M = 0
-            ``log_q`` is exact outright.
+            the tail draw (:meth:`probabilities`). ``log_q`` is
+            log[(1-ε)·exp(α·s_j)/W + ε/n_allowed] for every drawn j, candidate or tail, with W
+            the call's slot normaliser: GenNi's probability with the partition function Z
+            replaced by its tail estimate W. It is neither the conditional probability (a tail
+            item's is n_tail/M' times larger) nor the marginal over tail draws (no closed form);
+            it keeps Σ exp(α·s_j) / q_j unbiased for Z. At α = 1, ε = 0 every corrected logit
+            s_j - log q_j equals log W, so the partition estimate of a sampled softmax is W and
+            its variance (from the tail draw, shared by the batch) does not fall with k.
+            With M = 0 ``log_q`` is exact outright.
         query: "position" (every position queries the index) or "sequence" (each sequence's last
             hidden state queries once; its candidates serve all its positions, rescored per position).
     """
