@@ -518,3 +518,24 @@ def test_index_never_imports_the_model_or_training():
     assert {name for name in imported if name and name.startswith("annsample")} == {
         "annsample.errors"
     }
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 10**8))
+def test_default_nlist_and_nprobe_follow_one_rule(n):
+    nlist = index_module.default_nlist(n)
+    assert 1 <= nlist <= max(1, n // index_module.MIN_POINTS_PER_CENTROID)
+    assert nlist == 1 or abs(nlist - n**0.5) <= 0.5 or nlist == n // 39
+    nprobe = index_module.default_nprobe(nlist)
+    assert 1 <= nprobe <= nlist and nprobe * 8 >= nlist
+    assert index_module.resolve_nlist_nprobe(0, 0, n) == (nlist, nprobe)
+
+
+def test_nlist_errors_point_at_the_default_rule(mixture):
+    rule = index_module.default_nlist(100)
+    with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule} "):
+        index_module.resolve_nlist_nprobe(500, 0, 100)
+    with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule}:"):
+        faiss_index(nlist=500).build(mixture[:100])
+    with pytest.raises(ItemIndexError, match=r"default_nprobe\(nlist\) = 2 "):
+        index_module.resolve_nlist_nprobe(16, 32, 100)
