@@ -316,15 +316,20 @@ def _non_default(section: Any, default: Any, prefix: str) -> list[str]:
     ]
 
 
-def check_ignored_settings(config: RunConfig, where: str = "<config>") -> None:
-    """Refuse settings the chosen sampler or loss ignores (set to a non-default value), and
-    sampler / loss combinations whose maths is wrong.
+def check_ignored_settings(
+    config: RunConfig, where: str = "<config>", reference: RunConfig | None = None
+) -> None:
+    """Refuse settings the chosen sampler or loss ignores (set to a value other than
+    ``reference``'s, by default the built-in defaults), and sampler / loss combinations whose
+    maths is wrong.
 
     A saved run's resolved config lists every key, so it is loaded without this check.
+    ``reference`` lets presets (``--catalog-size``) set keys the user may then make unused.
     """
+    reference = reference or RunConfig()
     s, loss = config.sampler, config.loss
     if loss.name == "full_ce":
-        changed = _non_default(s, SamplerConfig(), "sampler.")
+        changed = _non_default(s, reference.sampler, "sampler.")
         if changed:
             raise ConfigError(
                 f"{where}: {changed[0]} is set but loss.name=full_ce scores every item and "
@@ -332,13 +337,13 @@ def check_ignored_settings(config: RunConfig, where: str = "<config>") -> None:
             )
     else:
         for key, users in _SAMPLER_KEY_USERS.items():
-            if s.name not in users and getattr(s, key) != getattr(SamplerConfig(), key):
+            if s.name not in users and getattr(s, key) != getattr(reference.sampler, key):
                 raise ConfigError(
                     f"{where}: sampler.{key} is set but sampler.name={s.name} ignores it (it is "
                     f"read by {', '.join(users)}); remove it or choose one of those samplers"
                 )
         if s.name != "ann":
-            changed = _non_default(s.index, IndexConfig(), "sampler.index.")
+            changed = _non_default(s.index, reference.sampler.index, "sampler.index.")
             if changed:
                 raise ConfigError(
                     f"{where}: {changed[0]} is set but sampler.name={s.name} ignores the index "
@@ -347,7 +352,7 @@ def check_ignored_settings(config: RunConfig, where: str = "<config>") -> None:
         else:
             for key, users in _REFRESH_KEY_USERS.items():
                 if s.index.refresh not in users and getattr(s.index, key) != getattr(
-                    IndexConfig(), key
+                    reference.sampler.index, key
                 ):
                     raise ConfigError(
                         f"{where}: sampler.index.{key} is set but sampler.index.refresh="
@@ -361,7 +366,7 @@ def check_ignored_settings(config: RunConfig, where: str = "<config>") -> None:
             "uniform or popularity, or keep this sampler with loss.name=bce"
         )
     for key, users in (("logq_correction", ("sampled_softmax",)), ("gbce_t", ("gbce",))):
-        if loss.name not in users and getattr(loss, key) != getattr(LossConfig(), key):
+        if loss.name not in users and getattr(loss, key) != getattr(reference.loss, key):
             raise ConfigError(
                 f"{where}: loss.{key} is set but loss.name={loss.name} ignores it (only "
                 f"loss.name={users[0]} reads it); remove it or change the loss"
@@ -426,13 +431,21 @@ def _apply_override(raw: dict, path: list[str], value: Any, text: str) -> None:
 
 
 def config_from_dict(
-    raw: Any, where: str = "<config>", overrides: tuple[str, ...] = (), check_ignored: bool = True
+    raw: Any,
+    where: str = "<config>",
+    overrides: tuple[str, ...] = (),
+    check_ignored: bool = True,
+    preset: tuple[str, ...] = (),
 ) -> RunConfig:
     """Build a :class:`RunConfig` from a parsed mapping plus ``KEY=VALUE`` overrides.
 
     ``check_ignored`` refuses settings the chosen sampler or loss ignores
     (:func:`check_ignored_settings`); a saved run's resolved config is loaded without it.
+    ``preset`` overrides (e.g. :func:`catalog_overrides`) apply before ``overrides`` and count as
+    defaults for that check, so ``--catalog-size 1M --set sampler.name=uniform`` is not an error
+    about the preset's ann settings.
     """
+    overrides = tuple(preset) + tuple(overrides)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -452,7 +465,8 @@ def config_from_dict(
     config = _build(RunConfig, raw, where_all, "")
     _check_consistency(config, where_all)
     if check_ignored:
-        check_ignored_settings(config, where_all)
+        reference = config_from_dict({}, overrides=preset, check_ignored=False) if preset else None
+        check_ignored_settings(config, where_all, reference)
     return config
 
 
@@ -465,7 +479,10 @@ def _deep_copy(raw: Any) -> Any:
 
 
 def load_config(
-    path: str | Path | None, overrides: tuple[str, ...] = (), check_ignored: bool = True
+    path: str | Path | None,
+    overrides: tuple[str, ...] = (),
+    check_ignored: bool = True,
+    preset: tuple[str, ...] = (),
 ) -> RunConfig:
     """Load a YAML run config (``None`` = all defaults) and apply ``--set`` overrides.
 
@@ -473,7 +490,7 @@ def load_config(
     ``config.yaml``, which lists every key (older runs with older defaults).
     """
     if path is None:
-        return config_from_dict({}, "<defaults>", overrides, check_ignored)
+        return config_from_dict({}, "<defaults>", overrides, check_ignored, preset)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -487,7 +504,7 @@ def load_config(
         raw = _yaml_load(text)
     except (yaml.YAMLError, RecursionError) as error:
         raise ConfigError(f"{path}: invalid YAML: {error}".replace("\n", " ")) from None
-    return config_from_dict(raw, str(path), overrides, check_ignored)
+    return config_from_dict(raw, str(path), overrides, check_ignored, preset)
 
 
 def config_to_dict(config: Any) -> dict:

@@ -152,9 +152,8 @@ def train(
         results = run_training(config, resume_dir, resume=True)
         out = resume_dir
     else:
-        if catalog_size is not None:
-            overrides = catalog_overrides(parse_size(catalog_size)) + tuple(overrides)
-        config = load_config(config_path, overrides)
+        preset = catalog_overrides(parse_size(catalog_size)) if catalog_size is not None else ()
+        config = load_config(config_path, tuple(overrides), preset=preset)
         out = out_dir or default_run_dir(config)
         results = run_training(config, out, overwrite=overwrite)
     click.echo(f"run folder: {out}")

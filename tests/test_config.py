@@ -557,3 +557,17 @@ def test_index_size_zero_means_the_catalog_rule_and_negative_is_an_error():
     assert config.sampler.index.nlist == 0 and config.sampler.index.nprobe == 0
     with pytest.raises(ConfigError, match="sampler.index.nlist must be >= 0"):
         config_from_dict({"sampler": {"name": "ann", "index": {"nlist": -1}}})
+
+
+@pytest.mark.parametrize(
+    "user", [("sampler.name=uniform",), ("sampler.index.refresh=never",), ("sampler.name=exact",)]
+)
+def test_catalog_size_preset_counts_as_defaults_for_the_ignored_settings_check(user):
+    from annsample.config import catalog_overrides
+
+    preset = catalog_overrides(1_000_000)  # sets ann-only keys and a refresh interval
+    config = load_config(None, user, preset=preset)
+    assert config.data.synthetic_items == 1_000_000
+    # as plain overrides the same keys are settings the chosen sampler / schedule ignores
+    with pytest.raises(ConfigError, match="is set but"):
+        load_config(None, preset + user)
