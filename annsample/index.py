@@ -15,6 +15,7 @@ approximate result is measured against, and ``recall_at_k`` compares the two.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import threading
 import time
@@ -48,6 +49,56 @@ _BLOCK_ELEMENTS = 1 << 24
 
 # (n_train, nlist) pairs already warned about, so periodic retrains log the warning once.
 _warned_small_training_sets: set[tuple[int, int]] = set()
+
+
+def default_nlist(n: int) -> int:
+    """The IVF list count for a catalog of ``n`` items: round(sqrt(n)), at most n // 39, at least 1.
+
+    sqrt(n) lists of about sqrt(n) items balance the two costs of a query (scoring the centroids
+    and scanning the probed lists); the cap keeps the 39 training points per centroid FAISS's
+    k-means asks for. ``sampler.index.nlist: 0`` (the default) means this.
+
+    >>> default_nlist(12101), default_nlist(1_000_000), default_nlist(100)
+    (110, 1000, 2)
+    """
+    n = _as_int(n, "n")
+    if n < 1:
+        raise ItemIndexError(f"the catalog must hold at least one item, got n={n}")
+    return max(1, min(round(math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed per query for ``nlist`` lists: ceil(nlist / 8), at least 1 (an eighth of the
+    catalog scanned per query). ``sampler.index.nprobe: 0`` (the default) means this.
+
+    >>> default_nprobe(110), default_nprobe(1000), default_nprobe(2)
+    (14, 125, 1)
+    """
+    nlist = _as_int(nlist, "nlist")
+    if nlist < 1:
+        raise ItemIndexError(f"nlist={nlist} must be positive")
+    return max(1, math.ceil(nlist / 8))
+
+
+def resolve_nlist_nprobe(nlist: int, nprobe: int, n: int) -> tuple[int, int]:
+    """(nlist, nprobe) for a catalog of ``n`` items, 0 meaning the default rule for either.
+
+    >>> resolve_nlist_nprobe(0, 0, 12101), resolve_nlist_nprobe(128, 0, 12101)
+    ((110, 14), (128, 16))
+    """
+    nlist = _as_int(nlist, "nlist") or default_nlist(n)
+    nprobe = _as_int(nprobe, "nprobe") or default_nprobe(nlist)
+    if nlist > n:
+        raise ItemIndexError(
+            f"nlist={nlist} is larger than the number of items N={n}; lower it, or set nlist=0 "
+            f"for default_nlist(N) = {default_nlist(n)} (sqrt(N), at most N // 39)"
+        )
+    if nprobe > nlist:
+        raise ItemIndexError(
+            f"nprobe={nprobe} must be at most nlist={nlist}; lower it or set nprobe=0 for "
+            f"default_nprobe(nlist) = {default_nprobe(nlist)} (nlist / 8)"
+        )
+    return nlist, nprobe
 
 
 def _faiss_gpu_available() -> bool:
@@ -354,7 +405,9 @@ class ItemIndex:
 
         Args:
             xb: (N, d) float32 item embeddings (e.g. the item table without its padding row).
-            ids: (N,) int64 non-negative unique ids returned by ``search``; default arange(N).
+            ids: (N,) int64 non-negative unique ids returned by ``search``; default arange(N), row
+                numbers. For ``AnnSampler`` pass item ids, ``torch.arange(1, N + 1)`` for the table
+                without its padding row: it refuses an index that returns id 0 (padding).
             step: the training step these embeddings come from; becomes ``version``.
 
         Returns:
@@ -393,7 +446,12 @@ class ItemIndex:
         xb = _check_matrix(xb, "xb", self.dim)
         ids = self._ids_for_refresh(ids, xb, contents)
         step = _as_int(step, "step")
-        stored, norms, max_norm = self._transform(self._to_compute_device(xb))
+        # l2_augmented keeps the M the centroids were trained with: recomputing it would move every
+        # row's extra coordinate while the centroids keep the old one, and one list would swallow
+        # most rows. Rows that outgrow M get extra coordinate 0 until the next retrain.
+        stored, norms, max_norm = self._transform(
+            self._to_compute_device(xb), max_norm=contents.max_norm
+        )
         self._contents = self._fill(stored, contents.centroids, ids, norms, max_norm, step)
         self._log("re_add", start)
 
@@ -412,9 +470,11 @@ class ItemIndex:
         if self._resolved != "exact":
             self._check_enough_rows(xb.shape[0])
             train = self._training_sample(stored, step)
-            # Warm start: the old centroids are close, so a few iterations suffice. (For
-            # l2_augmented their extra coordinate follows the old M; k-means corrects it.)
-            centroids = self._kmeans(train, contents.centroids.to(train.device))
+            # Warm start: the old centroids are close, so a few iterations suffice.
+            init = contents.centroids.to(train.device)
+            if self.metric == "l2_augmented" and contents.max_norm is not None:
+                init = _shift_augmented_centroids(init, contents.max_norm, max_norm)
+            centroids = self._kmeans(train, init)
         self._contents = self._fill(stored, centroids, ids, norms, max_norm, step)
         self._log("retrain", start)
 
@@ -472,6 +532,18 @@ class ItemIndex:
                 D, I = torch.from_numpy(D_np), torch.from_numpy(I_np)
             D, I = self._finish(contents, D, I)
         return D.to(out_device), I.to(out_device)
+
+    def list_sizes(self) -> torch.Tensor:
+        """(nlist,) int64 number of items in each IVF list (a balance check: one list holding most
+        items means every probe scans most of the catalog)."""
+        contents = self._require_centroids("list_sizes")
+        if contents.centroids is None:
+            raise ItemIndexError("the exact backend has no IVF lists")
+        if contents.ntotal == 0:
+            return torch.zeros(self._nlist, dtype=torch.int64)
+        ivf = contents.ivf if contents.ivf is not None else faiss.index_gpu_to_cpu(contents.gpu_ivf)
+        invlists = faiss.downcast_InvertedLists(ivf.invlists)
+        return torch.tensor([invlists.list_size(i) for i in range(self._nlist)], dtype=torch.int64)
 
     # ----------------------------------------------------------------------------- state
 
@@ -622,7 +694,7 @@ class ItemIndex:
         if self._nlist > n:
             raise ItemIndexError(
                 f"nlist={self._nlist} is larger than the number of items N={n}; lower nlist to at "
-                f"most N (about 4 * sqrt(N) = {max(1, int(4 * n**0.5))} is a common choice)"
+                f"most N (default_nlist(N) = {default_nlist(n)}: sqrt(N), at most N // 39)"
             )
 
     def _resolve_backend(self, xb: torch.Tensor) -> str:
@@ -644,11 +716,12 @@ class ItemIndex:
         return xb
 
     def _transform(
-        self, xb: torch.Tensor
+        self, xb: torch.Tensor, max_norm: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
         """Map xb (N, d) into the searched space: (stored (N, d'), norms, max_norm).
 
-        For metric "ip" ``stored`` may alias ``xb``.
+        For metric "ip" ``stored`` may alias ``xb``. For "l2_augmented", ``max_norm`` fixes M (a
+        re-add keeps the centroids' M); None takes the largest row norm of ``xb``.
         """
         if self.metric == "ip":
             return xb.contiguous(), None, None
@@ -657,7 +730,7 @@ class ItemIndex:
             norms = squared.sqrt()
             return (xb / norms.clamp_min(1e-30)[:, None]).contiguous(), norms, None
         # l2_augmented: every stored row gets norm M, so L2 in d + 1 dims ranks like IP in d.
-        max_squared = float(squared.max())
+        max_squared = float(squared.max()) if max_norm is None else max_norm**2
         extra = (max_squared - squared).clamp_min(0).sqrt()
         stored = torch.cat([xb, extra[:, None]], dim=1).contiguous()
         return stored, None, max_squared**0.5
@@ -849,6 +922,18 @@ def nearest_centroid(
             scores += scores_bias  # argmin |x-c|^2 == argmax x·c - |c|^2/2
         out[r0 : r0 + rows] = scores.argmax(dim=1)
     return out
+
+
+def _shift_augmented_centroids(centroids: torch.Tensor, old: float, new: float) -> torch.Tensor:
+    """(nlist, d + 1) l2_augmented centroids moved from M = ``old`` to M = ``new``.
+
+    A row's extra coordinate sqrt(M^2 - |x|^2) squared shifts by new^2 - old^2 when M changes; the
+    centroids' extra coordinate gets the same shift, so they stay where their rows now are.
+    """
+    shifted = centroids.clone()
+    extra = shifted[:, -1]
+    shifted[:, -1] = (extra * extra + (new * new - old * old)).clamp_min(0).sqrt()
+    return shifted
 
 
 def _ivf_from_assignment(

@@ -34,6 +34,7 @@ from annsample.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    ItemIndexError,
     NumericalError,
     RunError,
     SamplerError,
@@ -215,18 +216,34 @@ def build_sampler(config: RunConfig, prepared: Prepared, index_source=None):
     raise ValueError(f"unknown sampler {s.name!r}")  # config validation makes this unreachable
 
 
-def make_index_refresher(config: RunConfig, dim: int):
-    """An :class:`IndexRefresher` over an :class:`ItemIndex` configured by ``sampler.index``."""
-    from annsample.index import ItemIndex
+def make_index_refresher(config: RunConfig, dim: int, n_items: int | None = None):
+    """An :class:`IndexRefresher` over an :class:`ItemIndex` configured by ``sampler.index``.
+
+    ``n_items`` (the catalog size) resolves ``nlist: 0`` / ``nprobe: 0`` by the default rule
+    (:func:`annsample.index.resolve_nlist_nprobe`).
+    """
+    from annsample.index import ItemIndex, resolve_nlist_nprobe
     from annsample.refresh import IndexRefresher
 
     ic = config.sampler.index
+    if n_items is None:
+        if not (ic.nlist and ic.nprobe):
+            raise ConfigError(
+                "sampler.index.nlist / nprobe = 0 follow the catalog size: pass n_items to "
+                "make_index_refresher, or set both explicitly"
+            )
+        nlist, nprobe = ic.nlist, ic.nprobe
+    else:
+        try:
+            nlist, nprobe = resolve_nlist_nprobe(ic.nlist, ic.nprobe, n_items)
+        except ItemIndexError as error:
+            raise ConfigError(f"sampler.index: {error}") from None
 
     def factory() -> ItemIndex:
         return ItemIndex(
             dim,
-            nlist=ic.nlist,
-            nprobe=ic.nprobe,
+            nlist=nlist,
+            nprobe=nprobe,
             backend=ic.backend,
             metric=ic.metric,
             seed=config.seed,
@@ -265,6 +282,13 @@ def check_sampler_fits(config: RunConfig, prepared: Prepared) -> None:
     s, n_items = config.sampler, prepared.n_items
     if config.loss.name == "full_ce":
         return
+    if s.name == "ann":
+        from annsample.index import resolve_nlist_nprobe
+
+        try:
+            resolve_nlist_nprobe(s.index.nlist, s.index.nprobe, n_items)
+        except ItemIndexError as error:
+            raise ConfigError(f"sampler.index: {error}") from None
     if s.name == "ann" and s.candidates > n_items:
         raise ConfigError(
             f"sampler.candidates={s.candidates} is more than the catalog's {n_items} items; "
@@ -403,7 +427,7 @@ def train(
 
     refresher = schedule = monitor = None
     if config.loss.name != "full_ce" and config.sampler.name == "ann":
-        refresher = make_index_refresher(config, config.model.hidden_size)
+        refresher = make_index_refresher(config, config.model.hidden_size, prepared.n_items)
         schedule = make_refresh_schedule(config)
         if ctx.enabled:
             refresher = distributed.AgreedRefresher(refresher, ctx)
@@ -761,7 +785,7 @@ class StalenessMonitor:
     def __init__(
         self, model: SASRec, prepared: Prepared, config: RunConfig, sampler, device
     ) -> None:
-        from annsample.staleness import probe_exclusions
+        from annsample.staleness import BuiltSnapshots, probe_exclusions
 
         self.model, self.sampler, self.config = model, sampler, config
         ic = config.sampler.index
@@ -782,7 +806,18 @@ class StalenessMonitor:
         self.keep_built = (
             ic.refresh == "adaptive" or ic.probe_every > 0 or split.n_items <= 2_000_000
         )
-        self.built = _index_snapshot(model) if self.keep_built else None
+        self.snapshots = BuiltSnapshots(_index_snapshot(model) if self.keep_built else None)
+
+    @property
+    def built(self) -> torch.Tensor | None:
+        """The (N, d) table the published index was built from (None when drift is not kept)."""
+        return self.snapshots.built
+
+    @built.setter
+    def built(self, value: torch.Tensor | None) -> None:
+        from annsample.staleness import BuiltSnapshots
+
+        self.snapshots = BuiltSnapshots(value)
 
     def measure(self) -> dict[str, float]:
         from annsample.staleness import measure_staleness
@@ -799,6 +834,7 @@ class StalenessMonitor:
 
     def after_step(self, refresher, schedule, step: int, epoch_end: bool, log: MetricsLog) -> None:
         refresher.poll()  # a background failure surfaces here, in the training thread
+        self.snapshots.sync(refresher.current().version)  # an async refresh may have landed
         stats: dict[str, float] = {}
         due = schedule.needs_stats(step) or (self.probe_every and step % self.probe_every == 0)
         if due and not epoch_end:  # the epoch-end call repeats the epoch's last step
@@ -821,8 +857,9 @@ class StalenessMonitor:
             refresher.request(kind, snapshot, step)
             stats["index/request_seconds"] = time.perf_counter() - t0
             stats["index/refresh"] = kind
-            if self.keep_built:
-                self.built = snapshot
+            # built once published (at once when synchronous; a skipped async request never is)
+            self.snapshots.requested(step, snapshot)
+            self.snapshots.sync(refresher.current().version)
         if stats:
             log.write(step, **stats, **refresher.stats(step))
 

@@ -156,15 +156,17 @@ def train(
             raise click.UsageError(
                 f"--resume continues RUN_DIR in place, on its own data; drop {', '.join(clashes)}"
             )
-        config = load_config(config_path or run_config_path(resume_dir), overrides)
+        # the run's own config.yaml lists every key: settings its sampler ignores are not errors
+        config = load_config(
+            config_path or run_config_path(resume_dir), overrides, check_ignored=bool(config_path)
+        )
         if nproc > 1:
             return _launch(nproc, config_path, overrides, resume_dir, resume=True)
         results = run_training(config, resume_dir, resume=True)
         out = resume_dir
     else:
-        if catalog_size is not None:
-            overrides = catalog_overrides(parse_size(catalog_size)) + tuple(overrides)
-        config = load_config(config_path, overrides)
+        preset = catalog_overrides(parse_size(catalog_size)) if catalog_size is not None else ()
+        config = load_config(config_path, tuple(overrides), preset=preset)
         out = out_dir or default_run_dir(config)
         if nproc > 1:
             return _launch(nproc, config_path, overrides, out, overwrite=overwrite)

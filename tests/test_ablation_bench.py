@@ -52,7 +52,8 @@ def tiny_run(tmp_path_factory):
         "sampler.epsilon=0.0",
         "sampler.tail_samples=0",
     )
-    train(load_config(TINY, overrides), out)
+    # a uniform run whose saved config carries the ann settings the bench builds its ann from
+    train(load_config(TINY, overrides, check_ignored=False), out)
     return out
 
 
@@ -149,3 +150,16 @@ def test_softmax_gap_vanishes_for_the_model_softmax_and_grows_with_a_poorer_prop
     uniform, flatter = gap(UniformSampler(), 32), gap(ExactSampler(alpha=0.5), 32)
     assert uniform < flatter < -1e-3  # Jensen: the sampled loss underrates the partition function
     assert gap(UniformSampler(), 512) > uniform  # more negatives, smaller gap
+
+
+def test_bench_stall_configs_load_at_a_million_items():
+    # --catalog-size sets a refresh interval; refresh=never must not carry it (ignored settings
+    # are errors), sync / async must
+    from annsample.bench_stall import stall_configs
+    from annsample.config import IndexConfig
+
+    configs = stall_configs(1_000_000, steps=400, refresh_every=100)
+    assert configs["never"].sampler.index.refresh == "never"
+    assert configs["never"].sampler.index.refresh_every == IndexConfig().refresh_every
+    assert configs["sync"].sampler.index.refresh_every == 100
+    assert configs["async"].sampler.index.asynchronous
