@@ -17,7 +17,7 @@ from annsample.bench_metric import metric_recall, records_table, run_queries
 from annsample.index import default_nlist
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir")
     parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
@@ -25,7 +25,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=0, help="ignored: nothing is trained")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     xq, xb = run_queries(args.run_dir, args.queries)

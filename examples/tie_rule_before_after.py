@@ -48,11 +48,11 @@ def favourable_ranks(model, prepared, config, device) -> np.ndarray:
     return np.concatenate(ranks)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+")
     parser.add_argument("--steps", type=int, default=0, help="ignored")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print("| run | test NDCG@10 before | after | change | test HR@10 before | after |")
     print("|---|---:|---:|---:|---:|---:|")
     for run in args.runs:
