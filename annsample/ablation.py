@@ -24,6 +24,7 @@ import logging
 import multiprocessing
 import os
 import re
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -281,13 +282,12 @@ def _execute(
 def _child(runner, config, run_dir, resume, overwrite, log_path, connection) -> None:
     """Worker process body: run one job and send (seconds, error) back."""
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    try:
-        import faiss
-
-        # faiss's OpenMP pool would otherwise take every core in every job
-        faiss.omp_set_num_threads(max(1, config.train.num_threads))
-    except ImportError:
-        pass
+    # faiss's (and torch's) OpenMP pool would otherwise take every core in every job; OpenMP reads
+    # this when faiss loads, which in a fresh worker is after this line
+    threads = str(max(1, config.train.num_threads))
+    os.environ["OMP_NUM_THREADS"] = threads
+    if "faiss" in sys.modules:
+        sys.modules["faiss"].omp_set_num_threads(int(threads))
     connection.send(_execute(runner, config, run_dir, resume, overwrite, log_path))
     connection.close()
 
@@ -300,18 +300,19 @@ def run_ablation(
     overrides: tuple[str, ...] = (),
     jobs: int = 1,
     overwrite: bool = False,
-    runner: Runner = train_runner,
+    runner: Runner | None = None,
     show_progress: bool = True,
 ) -> list[RunOutcome]:
     """Run (or resume) every run of the grid; returns one outcome per planned run, in grid order.
 
     With ``jobs`` = 1 the runs train one after another in this process; with more, each run is
     its own spawned process, at most ``jobs`` at once (a run that crashes its process fails alone).
-    ``runner`` must be a module-level function when ``jobs`` > 1 (it is sent to the workers).
-    Nothing is trained until every config is valid and every existing run folder matches the grid.
+    ``runner`` (default :func:`train_runner`) must be a module-level function when ``jobs`` > 1
+    (it is sent to the workers). Nothing is trained until every config is valid and every existing run folder matches the grid.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
+    runner = train_runner if runner is None else runner
     plans = plan_runs(config_path, grid, seeds, overrides, threads=default_threads(jobs))
     out = Path(out_dir)
     if out.exists() and not out.is_dir():

@@ -288,8 +288,15 @@ def _series_label(settings: tuple, columns: list[str]) -> str:
 
 def plot_report(rows: list[dict[str, Any]], columns: list[str], out: Path) -> None:
     """quality.png, wall_time.png and staleness.png (matplotlib, Agg canvas, no global state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise RunError(
+            f"matplotlib is not installed, so the plots were not drawn (the tables are in {out}); "
+            "install it with pip install 'matplotlib>=3.7' (a dependency of annsample), then run "
+            f"`annsample ablate report {out}`"
+        ) from None
 
     intervals = list(dict.fromkeys(r[INTERVAL] for r in rows))  # rows are sorted by interval
     position = {interval: i for i, interval in enumerate(intervals)}

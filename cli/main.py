@@ -276,13 +276,13 @@ def ablate_run(
         overwrite=overwrite,
     )
     click.echo(outcomes_table(outcomes), nl=False)
+    failed = failures_text(outcomes)
+    click.echo(failed, err=True, nl=False)
     if any(o.state != "failed" for o in outcomes):
         click.echo()
         click.echo(write_report(out_dir), nl=False)
         click.echo(f"tables and plots: {out_dir}")
-    failed = failures_text(outcomes)
     if failed:
-        click.echo(failed, err=True, nl=False)
         click.get_current_context().exit(1)
 
 
