@@ -199,12 +199,12 @@ class _DefaultRunGroup(click.Group):
     ``annsample ablate --config ... --grid ...`` and ``annsample ablate report DIR`` both work."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
             args = ["run", *args]
         return super().parse_args(ctx, args)
 
 
-@main.group(cls=_DefaultRunGroup, invoke_without_command=False, no_args_is_help=True)
+@main.group(cls=_DefaultRunGroup)
 def ablate() -> None:
     """Ablation grids (e.g. refresh frequency): `annsample ablate [run] --config FILE --grid
     KEY=V1,V2 --out DIR` trains every combination; `annsample ablate report DIR` rebuilds the

@@ -292,6 +292,8 @@ def ablation_outputs() -> tuple[str, ...]:
 
 
 def test_cli_usage_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["ablate"])  # `ablate` alone is `ablate run`
+    assert result.exit_code == 2 and "Missing option '--grid'" in result.output
     result = CliRunner().invoke(main, ["ablate", "--grid", "train.lr", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "expected KEY=V1,V2" in result.output
     result = CliRunner().invoke(main, ["ablate", "report", str(tmp_path / "nothing")])
