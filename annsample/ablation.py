@@ -1,4 +1,4 @@
-"""Ablation grids: train one run per combination of config values (and seed), in parallel, resumably.
+"""Ablation grids: one run per combination of config values (and seed), in parallel, resumably.
 
 A grid is a list of ``KEY=V1,V2,...`` strings (e.g. ``sampler.index.refresh_every=1,10,100``);
 every combination, times every seed, becomes one run folder under the output folder, named after its
@@ -140,7 +140,8 @@ def axis_settings(key: str, value: str) -> tuple[str, ...]:
 
 
 def default_threads(jobs: int) -> int:
-    """Torch threads per job so that ``jobs`` jobs share this machine's cores without oversubscribing."""
+    """Torch threads per job, so that ``jobs`` jobs share this machine's cores without
+    oversubscribing them."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -308,7 +309,8 @@ def run_ablation(
     With ``jobs`` = 1 the runs train one after another in this process; with more, each run is
     its own spawned process, at most ``jobs`` at once (a run that crashes its process fails alone).
     ``runner`` (default :func:`train_runner`) must be a module-level function when ``jobs`` > 1
-    (it is sent to the workers). Nothing is trained until every config is valid and every existing run folder matches the grid.
+    (it is sent to the workers). Nothing is trained until every config is valid and every
+    existing run folder matches the grid.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")

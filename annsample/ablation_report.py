@@ -6,7 +6,8 @@ Each run folder under the ablation's output folder (one with ``config.yaml``) is
 runs (other than the seed) are the ablation's axes; the refresh schedule is always shown as one
 ``refresh_interval`` column (``1``, ``100``, ``epoch``, ``adaptive``, ``never``; ``-`` where no
 index is used). Outputs: ``results.csv`` and ``results.json`` (one row per run), ``summary.md``
-(mean ± std over seeds), and the PNG plots ``quality.png``, ``wall_time.png`` and ``staleness.png``.
+(mean ± std over seeds), and the PNG plots ``quality.png``, ``wall_time.png`` and
+``staleness.png``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -235,7 +237,7 @@ SUMMARY = (  # column, header, digits
 
 
 def summary_markdown(
-    rows: list[dict[str, Any]], columns: list[str], unfinished: list[Path] = ()
+    rows: list[dict[str, Any]], columns: list[str], unfinished: Sequence[Path] = ()
 ) -> str:
     """Markdown table, one line per setting combination, mean ± std over its seeds."""
     header = [*columns, "seeds", *(title for _, title, _ in SUMMARY)]
@@ -335,7 +337,9 @@ def plot_report(rows: list[dict[str, Any]], columns: list[str], out: Path) -> No
     interval_panels(
         out / "wall_time.png",
         [
-            ("wall_seconds" if rows[0]["wall_seconds"] is not None else "train_seconds", "seconds"),
+            ("wall_seconds", "wall seconds per run")
+            if all(r["wall_seconds"] is not None for r in rows)
+            else ("train_seconds", "training seconds per run (epochs)"),
             ("wait_seconds", "seconds training waited on the index"),
         ],
         "wall time vs refresh interval",
