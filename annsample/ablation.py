@@ -87,7 +87,7 @@ def parse_grid(grid: tuple[str, ...]) -> list[tuple[str, list[str]]]:
     axes = []
     for text in grid:
         key, sep, values = text.partition("=")
-        if not sep or not key.strip() or not values.strip():
+        if not sep or not key.strip() or not values.replace(",", "").strip():
             raise ConfigError(
                 f"--grid {text!r}: expected KEY=V1,V2,..., e.g. sampler.index.refresh_every=1,10,100"
             )

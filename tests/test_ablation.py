@@ -57,7 +57,7 @@ class Recorder:
 
 def test_parse_grid_rejects_malformed_axes():
     assert parse_grid(("a.b=1, 2",)) == [("a.b", ["1", "2"])]
-    for text in ("a.b", "=1", "a="):
+    for text in ("a.b", "=1", "a=", "a=, ,"):
         with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
             parse_grid((text,))
     with pytest.raises(ConfigError, match="more than once"):
@@ -350,3 +350,13 @@ def test_refresh_interval_names_the_schedule():
     assert refresh_interval(config) == "never"
     config["loss.name"] = "full_ce"
     assert refresh_interval(config) == "-"
+
+
+def test_a_resumed_run_keeps_the_threads_it_started_with(tmp_path):
+    # a checkpoint only resumes under its own config, and --jobs may change between invocations
+    (started,) = plan_runs(TINY, (f"{REFRESH}=10",), overrides=ANN, threads=7)
+    stub_runner(started.config, tmp_path / started.label, False, False)
+    (now,) = plan_runs(TINY, (f"{REFRESH}=10",), overrides=ANN, threads=1)
+    resumed = ablation._resume_config(now, tmp_path / now.label)
+    assert resumed.train.num_threads == 7
+    assert resumed == started.config
