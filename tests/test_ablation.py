@@ -316,29 +316,28 @@ def test_cli_exits_1_and_names_the_failed_run(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_two_tiny_real_runs_end_to_end(tmp_path):
-    pytest.importorskip(
-        "matplotlib", reason="matplotlib (a dependency: pip install -e .) is not installed"
-    )
+    """Real training through the ablation (no plots, so it runs without matplotlib too)."""
     out = tmp_path / "grid"
-    args = ["ablate", "--config", str(TINY), "--grid", f"{REFRESH}=2,never", "--out", str(out)]
     fast = (*ANN, "train.epochs=1", "train.num_threads=1", "sampler.index.probe_every=2")
-    args += [arg for override in fast for arg in ("--set", override)]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
-    rows = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    grid = (f"{REFRESH}=2,never",)
+    outcomes = run_ablation(TINY, grid, out, overrides=fast, show_progress=False)
+    assert [o.state for o in outcomes] == ["finished", "finished"], outcomes
+    rows, columns, unfinished = collect_rows(out)
+    assert columns == ["refresh_interval"] and unfinished == []
     by_interval = {r["refresh_interval"]: r for r in rows}
     assert set(by_interval) == {"2", "never"}
     steps = by_interval["2"]["steps"]
-    assert (
-        by_interval["2"]["refresh_count"] == steps // 2
-        and by_interval["never"]["refresh_count"] == 0
-    )
+    assert by_interval["2"]["refresh_count"] == steps // 2
+    assert by_interval["never"]["refresh_count"] == 0
     assert by_interval["never"]["wait_seconds"] == 0.0
+    # probes every 2 steps: the never-refreshed index falls behind the refreshed one
+    assert len(by_interval["never"]["_series"]["recall"]) == steps // 2
+    assert by_interval["never"]["drift_final"] > by_interval["2"]["drift_final"]
     assert all(0.0 <= r["recall_final"] <= 1.0 and 0.0 <= r["tv_final"] <= 1.0 for r in rows)
     assert all(r["wall_seconds"] > 0 and r["train_seconds"] > 0 for r in rows)
     # running it again trains nothing
-    again = CliRunner().invoke(main, args)
-    assert again.exit_code == 0 and again.output.count("| skipped |") == 2
+    again = run_ablation(TINY, grid, out, overrides=fast, show_progress=False)
+    assert [o.state for o in again] == ["skipped", "skipped"]
 
 
 def test_refresh_interval_names_the_schedule():
