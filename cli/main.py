@@ -294,7 +294,24 @@ def recommend(
         click.echo(" ".join(map(str, result.ids)))
 
 
-@main.command()
+class _DefaultRunGroup(click.Group):
+    """A group that runs its ``run`` subcommand when the first argument names no subcommand, so
+    ``annsample ablate --config ... --grid ...`` and ``annsample ablate report DIR`` both work."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_DefaultRunGroup)
+def ablate() -> None:
+    """Ablation grids (e.g. refresh frequency): `annsample ablate [run] --config FILE --grid
+    KEY=V1,V2 --out DIR` trains every combination; `annsample ablate report DIR` rebuilds the
+    tables and plots from the finished runs."""
+
+
+@ablate.command("run")
 @click.option(
     "--config",
     "config_path",
@@ -307,7 +324,21 @@ def recommend(
     multiple=True,
     required=True,
     metavar="KEY=V1,V2,...",
-    help="A config key and the values to try (repeatable: every combination is run).",
+    help="A config key and the values to try (repeatable: every combination is run). "
+    "sampler.index.refresh_every also takes never, epoch and adaptive.",
+)
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="S1,S2,...",
+    help="Run every combination once per seed, e.g. --seeds 0,1,2 (default: the config's seed).",
+)
+@click.option(
+    "--jobs",
+    default=1,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="Runs trained at once, each in its own process with cores/jobs torch threads.",
 )
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Overrides for every run."
@@ -315,19 +346,55 @@ def recommend(
 @click.option(
     "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the runs."
 )
-@click.option("--overwrite", is_flag=True, help="Replace existing run folders.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Train every run from scratch (default: skip finished runs, resume interrupted ones).",
+)
 @_user_errors
-def ablate(
+def ablate_run(
     config_path: Path | None,
     grid: tuple[str, ...],
+    seeds: str | None,
+    jobs: int,
     overrides: tuple[str, ...],
     out_dir: Path,
     overwrite: bool,
 ) -> None:
-    """Train one run per combination of the grid (e.g. refresh frequency) and print the table."""
-    from annsample.ablation import run_grid
+    """Train (or resume) one run per combination of the grid, then write results.csv,
+    results.json, summary.md and plots into --out; exits 1 if any run failed."""
+    from annsample.ablation import failures_text, outcomes_table, parse_seeds, run_ablation
+    from annsample.ablation_report import write_report
 
-    click.echo(run_grid(config_path, grid, out_dir, overrides, overwrite), nl=False)
+    outcomes = run_ablation(
+        config_path,
+        grid,
+        out_dir,
+        seeds=parse_seeds(seeds) if seeds is not None else None,
+        overrides=overrides,
+        jobs=jobs,
+        overwrite=overwrite,
+    )
+    click.echo(outcomes_table(outcomes), nl=False)
+    failed = failures_text(outcomes)
+    click.echo(failed, err=True, nl=False)
+    if any(o.state != "failed" for o in outcomes):
+        click.echo()
+        click.echo(write_report(out_dir), nl=False)
+        click.echo(f"tables and plots: {out_dir}")
+    if failed:
+        click.get_current_context().exit(1)
+
+
+@ablate.command("report")
+@click.argument("out_dir", type=click.Path(path_type=Path), metavar="DIR")
+@_user_errors
+def ablate_report(out_dir: Path) -> None:
+    """Rebuild results.csv, results.json, summary.md and the plots of an ablation folder from its
+    finished runs, and print the summary."""
+    from annsample.ablation_report import write_report
+
+    click.echo(write_report(out_dir), nl=False)
 
 
 @main.group()
