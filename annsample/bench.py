@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from annsample import data as data_mod
 from annsample.errors import ConfigError
+from annsample.index import resolve_nlist_nprobe
 from annsample.losses import sampled_softmax_loss
 from annsample.samplers import (
     AnnSampler,
@@ -154,6 +155,7 @@ def bench_samplers(
     exact_p = genni_log_probs(h[probe], items, probe_ex, alpha).exp()
 
     ic = config.sampler.index
+    resolved_index = resolve_nlist_nprobe(ic.nlist, ic.nprobe, split.n_items)
     records = []
     for name in tqdm(samplers, desc="samplers", disable=not show_progress):
         # each sampler as training would build it from this run's config (ann: a fresh index)
@@ -165,13 +167,13 @@ def bench_samplers(
         sampler_config = replace(config, sampler=sampler_settings)
         index = None
         if name == "ann":  # the index training would build, from the trained table
-            index = make_index_refresher(config, items.shape[1])
+            index = make_index_refresher(config, items.shape[1], split.n_items)
             index.build(items[1:].contiguous(), ids=torch.arange(1, split.n_items + 1))
         sampler = build_sampler(sampler_config, prepared, index)
         settings = {
             "ann": {
-                "nlist": ic.nlist,
-                "nprobe": ic.nprobe,
+                "nlist": resolved_index[0],
+                "nprobe": resolved_index[1],
                 "candidates": config.sampler.candidates,
                 "epsilon": config.sampler.epsilon,
                 "tail_samples": config.sampler.tail_samples,

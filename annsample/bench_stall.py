@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from annsample.config import catalog_overrides, load_config
+from annsample.config import RunConfig, catalog_overrides, load_config
 from annsample.train import train
 
 MODES = {
@@ -50,20 +50,9 @@ def bench_stall(
     out_dir: str | Path | None = None,
 ) -> list[dict]:
     """One record per mode ("never", "sync", "async") with step time, blocked time and shares."""
-    base = catalog_overrides(n_items) + (
-        "sampler.name=ann",
-        "sampler.query=sequence",
-        "train.epochs=1",
-        f"train.max_steps_per_epoch={steps}",
-        "train.eval_users=200",
-        "train.show_progress=false",
-        f"sampler.index.refresh_every={refresh_every}",
-        "sampler.index.probe_every=1000000000",  # no probes: they would count as refresh cost
-    )
     root = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="annsample-stall-"))
     records = []
-    for mode, overrides in MODES.items():
-        config = load_config(None, base + overrides + tuple(extra_overrides))
+    for mode, config in stall_configs(n_items, steps, refresh_every, extra_overrides).items():
         train(config, root / mode, overwrite=True)
         records.append(
             {
@@ -78,6 +67,31 @@ def bench_stall(
         record["stall_share"] = record["wait_seconds"] / max(record["train_seconds"], 1e-9)
         record["slowdown_vs_never"] = record["train_seconds"] / max(never, 1e-9) - 1.0
     return records
+
+
+def stall_configs(
+    n_items: int, steps: int, refresh_every: int, extra_overrides: tuple[str, ...] = ()
+) -> dict[str, RunConfig]:
+    """The run config of each mode: the ``--catalog-size`` settings, ``steps`` steps of one epoch."""
+    # refresh=never reads no refresh_every (setting it is an error): only sync / async get it
+    catalog = tuple(
+        o for o in catalog_overrides(n_items) if not o.startswith("sampler.index.refresh_every=")
+    )
+    base = catalog + (
+        "sampler.name=ann",
+        "sampler.query=sequence",
+        "train.epochs=1",
+        f"train.max_steps_per_epoch={steps}",
+        "train.eval_users=200",
+        "train.show_progress=false",
+        "sampler.index.probe_every=1000000000",  # no probes: they would count as refresh cost
+    )
+    configs = {}
+    for mode, overrides in MODES.items():
+        if mode != "never":
+            overrides = overrides + (f"sampler.index.refresh_every={refresh_every}",)
+        configs[mode] = load_config(None, base + overrides + tuple(extra_overrides))
+    return configs
 
 
 def stall_table(records: list[dict]) -> str:

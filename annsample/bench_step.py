@@ -424,17 +424,18 @@ def bench_step(
         """The pool size whose sample call on ``batch``'s positions takes ``target_ms``: pool
         sizes doubling from 250, median of 3 calls each, interpolated in log-log (pool cost is
         not linear in its size: the (P, M) softmax, sort and exclusion look-ups grow faster)."""
-        from annsample.train import batch_exclusions
+        from annsample.api import sample_negatives
 
         width = int(lengths[batch].max())
         seq, tgt = inputs[batch, -width:].to(dev), targets[batch, -width:].to(dev)
         with torch.no_grad():
-            h = model.encode(seq)
-        mask = tgt > 0
-        users = prepared.train_users[batch.numpy()]
-        ex = batch_exclusions(
-            prepared, users, mask.nonzero()[:, 0], tgt[mask], config.sampler.exclude_history, dev
-        )
+            h = model.encode(seq)  # (B, T, d)
+        histories = None
+        if config.sampler.exclude_history:
+            users = prepared.train_users[batch.numpy()]
+            rows = data_mod.pad_rows(prepared.history_indptr, prepared.history_items, users, 0)
+            histories = torch.as_tensor(rows, device=dev)  # (B, H), 0 = padding
+        items = model.item_embeddings.detach()
         g = torch.Generator(device=dev).manual_seed(seed)
         points: list[tuple[int, float]] = []
         size = 250
@@ -444,7 +445,7 @@ def bench_step(
             times = []
             for _ in range(3):
                 watch.seconds = 0.0
-                watch.time(pool.sample, h[mask], model.item_embeddings.detach(), ex, k, g)
+                watch.time(sample_negatives, pool, h, tgt, items, k, g, histories)
                 times.append(watch.seconds * 1000.0)
             points.append((size, float(np.median(times))))
             if points[-1][1] >= target_ms or size >= n:
@@ -514,7 +515,7 @@ def bench_step(
         )
         refresher = None
         if name == "ann":
-            refresher = make_index_refresher(config, items.shape[1])
+            refresher = make_index_refresher(config, items.shape[1], split.n_items)
             t0 = time.perf_counter()
             refresher.build(
                 items[1:].contiguous(), step=0, ids=torch.arange(1, split.n_items + 1, device=dev)

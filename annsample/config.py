@@ -47,12 +47,12 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class IndexConfig:
-    backend: str = "auto"  # "auto", "faiss", "faiss-gpu", "exact"
-    metric: str = "ip"  # "ip", "l2_augmented", "cosine"
-    nlist: int = 256
-    nprobe: int = 16
+    backend: str = "auto"  # "auto", "faiss", "faiss-gpu", "exact", "torch_ivf"
+    metric: str = "l2_augmented"  # "ip", "l2_augmented", "cosine" (docs/benchmarks.md: recall)
+    nlist: int = 0  # IVF lists; 0 = annsample.index.default_nlist(N): sqrt(N), at most N // 39
+    nprobe: int = 0  # lists probed per query; 0 = annsample.index.default_nprobe(nlist): nlist / 8
     refresh: str = "steps"  # "steps", "epoch", "never", "adaptive"
-    refresh_every: int = 100  # steps between refreshes for refresh == "steps"
+    refresh_every: int = 10  # steps between refreshes for refresh == "steps"
     retrain_every: int = 10  # every M-th refresh re-runs k-means, warm-started (0 = never)
     asynchronous: bool = False
     drift_threshold: float = 0.05  # adaptive schedule
@@ -64,7 +64,7 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "uniform"  # uniform, popularity, exact, pool, dns, ann
+    name: str = "uniform"  # uniform, popularity, exact, exact_gumbel, pool, dns, ann
     num_negatives: int = 1  # k negatives per position
     exclude_history: bool = (
         True  # also exclude the user's training history (the positive always is)
@@ -73,12 +73,15 @@ class SamplerConfig:
     beta: float = 1.0  # popularity exponent: q ∝ count^beta
     pool_size: int = 1000  # pool / dns candidates M
     candidates: int = 200  # ann: K candidates from the index
-    epsilon: float = 0.05  # ann: uniform mixture mass (its floor when tail_samples > 0)
-    tail_samples: int = 0  # ann: uniform items that estimate the GenNi mass outside the candidates
+    epsilon: float = 0.01  # ann: uniform mixture mass, added to the candidates' and tail's draw
+    tail_samples: int = (
+        256  # ann: uniform items that estimate the GenNi mass outside the candidates
+    )
     query: str = (
         "position"  # ann: "position" (every position queries) or "sequence" (last state queries)
     )
-    warmup_steps: int = 0  # use uniform negatives for the first steps (model-aware samplers only)
+    matmul_precision: str = "fp32"  # exact_gumbel: "fp32", "tf32" or "bf16" score matmuls
+    warmup_steps: int = 0  # uniform negatives for the first steps (any sampler but uniform)
     index: IndexConfig = field(default_factory=IndexConfig)
 
 
@@ -122,9 +125,10 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "sequences", "interactions"),
-    "sampler.name": ("uniform", "popularity", "exact", "pool", "dns", "ann"),
+    "sampler.name": ("uniform", "popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),
+    "sampler.matmul_precision": ("fp32", "tf32", "bf16"),
     "sampler.query": ("position", "sequence"),
-    "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact"),
+    "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf"),
     "sampler.index.metric": ("ip", "l2_augmented", "cosine"),
     "sampler.index.refresh": ("steps", "epoch", "never", "adaptive"),
     "loss.name": ("bce", "sampled_softmax", "gbce", "full_ce"),
@@ -138,8 +142,6 @@ POSITIVE = {
     "sampler.num_negatives",
     "sampler.pool_size",
     "sampler.candidates",
-    "sampler.index.nlist",
-    "sampler.index.nprobe",
     "sampler.index.refresh_every",
     "sampler.index.check_every",
     "sampler.index.probe_queries",
@@ -265,22 +267,124 @@ def _check_consistency(config: RunConfig, where: str) -> None:
         )
     if not math.isfinite(config.train.lr) or config.train.lr <= 0:
         raise ConfigError(f"{where}: train.lr must be a finite number > 0, got {config.train.lr}")
-    if config.sampler.index.nprobe > config.sampler.index.nlist:
+    for key in ("nlist", "nprobe"):
+        if getattr(config.sampler.index, key) < 0:
+            raise ConfigError(
+                f"{where}: sampler.index.{key} must be >= 0 (0 = follow the catalog size), "
+                f"got {getattr(config.sampler.index, key)}"
+            )
+    if config.sampler.index.nlist and config.sampler.index.nprobe > config.sampler.index.nlist:
         raise ConfigError(
             f"{where}: sampler.index.nprobe ({config.sampler.index.nprobe}) must be <= "
             f"sampler.index.nlist ({config.sampler.index.nlist})"
         )
 
 
+# Sampler keys and the samplers that read them (keys not listed are read by every sampler).
+_SAMPLER_KEY_USERS: dict[str, tuple[str, ...]] = {
+    "alpha": ("exact", "exact_gumbel", "pool", "ann"),
+    "beta": ("popularity",),
+    "pool_size": ("pool", "dns"),
+    "candidates": ("ann",),
+    "epsilon": ("ann",),
+    "tail_samples": ("ann",),
+    "query": ("ann",),
+    "matmul_precision": ("exact_gumbel",),
+    "warmup_steps": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),  # not uniform
+}
+# sampler.index keys and the refresh schedules that read them (not listed: every schedule).
+_REFRESH_KEY_USERS: dict[str, tuple[str, ...]] = {
+    "refresh_every": ("steps",),
+    "retrain_every": ("steps", "epoch", "adaptive"),
+    "asynchronous": ("steps", "epoch", "adaptive"),
+    "drift_threshold": ("adaptive",),
+    "recall_threshold": ("adaptive",),
+    "check_every": ("adaptive",),
+}
+# Samplers whose log q is not the proposal probability a logQ correction needs.
+_NOT_FOR_SAMPLED_SOFTMAX = {
+    "dns": "dns keeps the best of its candidates and reports log q = 0, so the correction "
+    "subtracts only log k",
+    "pool": "pool's log q is conditional on the one pool shared by the batch, not the probability "
+    "of drawing the item",
+}
+
+
+def _non_default(section: Any, default: Any, prefix: str) -> list[str]:
+    """Dotted keys of ``section`` (a config dataclass) whose value differs from ``default``'s."""
+    return [
+        f"{prefix}{f.name}"
+        for f in dataclasses.fields(section)
+        if getattr(section, f.name) != getattr(default, f.name)
+    ]
+
+
+def check_ignored_settings(
+    config: RunConfig, where: str = "<config>", reference: RunConfig | None = None
+) -> None:
+    """Refuse settings the chosen sampler or loss ignores (set to a value other than
+    ``reference``'s, by default the built-in defaults), and sampler / loss combinations whose
+    maths is wrong.
+
+    A saved run's resolved config lists every key, so it is loaded without this check.
+    ``reference`` lets presets (``--catalog-size``) set keys the user may then make unused.
+    """
+    reference = reference or RunConfig()
+    s, loss = config.sampler, config.loss
+    if loss.name == "full_ce":
+        changed = _non_default(s, reference.sampler, "sampler.")
+        if changed:
+            raise ConfigError(
+                f"{where}: {changed[0]} is set but loss.name=full_ce scores every item and "
+                "ignores the sampler; remove the sampler settings or use a sampled loss"
+            )
+    else:
+        for key, users in _SAMPLER_KEY_USERS.items():
+            if s.name not in users and getattr(s, key) != getattr(reference.sampler, key):
+                raise ConfigError(
+                    f"{where}: sampler.{key} is set but sampler.name={s.name} ignores it (it is "
+                    f"read by {', '.join(users)}); remove it or choose one of those samplers"
+                )
+        if s.name != "ann":
+            changed = _non_default(s.index, reference.sampler.index, "sampler.index.")
+            if changed:
+                raise ConfigError(
+                    f"{where}: {changed[0]} is set but sampler.name={s.name} ignores the index "
+                    "(only sampler.name=ann uses sampler.index); remove it or use the ann sampler"
+                )
+        else:
+            for key, users in _REFRESH_KEY_USERS.items():
+                if s.index.refresh not in users and getattr(s.index, key) != getattr(
+                    reference.sampler.index, key
+                ):
+                    raise ConfigError(
+                        f"{where}: sampler.index.{key} is set but sampler.index.refresh="
+                        f"{s.index.refresh} ignores it (it is read by refresh="
+                        f"{' / '.join(users)}); remove it or change the schedule"
+                    )
+    if loss.name == "sampled_softmax" and s.name in _NOT_FOR_SAMPLED_SOFTMAX:
+        raise ConfigError(
+            f"{where}: loss.name=sampled_softmax with sampler.name={s.name} is wrong: "
+            f"{_NOT_FOR_SAMPLED_SOFTMAX[s.name]}. Use sampler.name=ann or exact (log q exact), "
+            "uniform or popularity, or keep this sampler with loss.name=bce"
+        )
+    for key, users in (("logq_correction", ("sampled_softmax",)), ("gbce_t", ("gbce",))):
+        if loss.name not in users and getattr(loss, key) != getattr(reference.loss, key):
+            raise ConfigError(
+                f"{where}: loss.{key} is set but loss.name={loss.name} ignores it (only "
+                f"loss.name={users[0]} reads it); remove it or change the loss"
+            )
+
+
 def catalog_overrides(n_items: int) -> tuple[str, ...]:
     """Overrides for ``annsample train --catalog-size N``: a synthetic catalog of N items.
 
-    Large catalogs get the product's settings: the ANN sampler over an IVF index with about sqrt(N)
-    lists, one index query per sequence (its candidates serve all its positions), sparse
+    Large catalogs get the product's settings: the ANN sampler over an IVF index with the default
+    sqrt(N) lists (``annsample.index.default_nlist``) of which 16 are probed, one index query per
+    sequence (its candidates serve all its positions), sparse
     item-embedding gradients (a dense Adam step on a 1M-row table costs more than the rest of the
     step), and validation on a fixed subset of 5,000 users.
     """
-    nlist = int(min(max(16, math.isqrt(n_items)), n_items // 39 or 1))
     overrides = [
         "name=synthetic-"
         + (f"{n_items // 1_000_000}M" if n_items % 1_000_000 == 0 else str(n_items)),
@@ -291,9 +395,8 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
         overrides += [
             "sampler.name=ann",
             "sampler.query=sequence",
-            "sampler.tail_samples=256",
-            f"sampler.index.nlist={nlist}",
-            f"sampler.index.nprobe={max(1, min(16, nlist))}",
+            "sampler.index.nprobe=16",  # default_nprobe (nlist / 8) costs too much per step here
+            "sampler.index.refresh_every=100",  # a 1M re-add takes ~1 s: every 10 steps is too often
             "model.sparse_embeddings=true",
             "train.eval_users=5000",
             "train.epochs=3",
@@ -331,9 +434,21 @@ def _apply_override(raw: dict, path: list[str], value: Any, text: str) -> None:
 
 
 def config_from_dict(
-    raw: Any, where: str = "<config>", overrides: tuple[str, ...] = ()
+    raw: Any,
+    where: str = "<config>",
+    overrides: tuple[str, ...] = (),
+    check_ignored: bool = True,
+    preset: tuple[str, ...] = (),
 ) -> RunConfig:
-    """Build a :class:`RunConfig` from a parsed mapping plus ``KEY=VALUE`` overrides."""
+    """Build a :class:`RunConfig` from a parsed mapping plus ``KEY=VALUE`` overrides.
+
+    ``check_ignored`` refuses settings the chosen sampler or loss ignores
+    (:func:`check_ignored_settings`); a saved run's resolved config is loaded without it.
+    ``preset`` overrides (e.g. :func:`catalog_overrides`) apply before ``overrides`` and count as
+    defaults for that check, so ``--catalog-size 1M --set sampler.name=uniform`` is not an error
+    about the preset's ann settings.
+    """
+    overrides = tuple(preset) + tuple(overrides)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -352,6 +467,9 @@ def config_from_dict(
     where_all = where + (" (with --set overrides)" if overrides else "")
     config = _build(RunConfig, raw, where_all, "")
     _check_consistency(config, where_all)
+    if check_ignored:
+        reference = config_from_dict({}, overrides=preset, check_ignored=False) if preset else None
+        check_ignored_settings(config, where_all, reference)
     return config
 
 
@@ -363,10 +481,19 @@ def _deep_copy(raw: Any) -> Any:
     return raw
 
 
-def load_config(path: str | Path | None, overrides: tuple[str, ...] = ()) -> RunConfig:
-    """Load a YAML run config (``None`` = all defaults) and apply ``--set`` overrides."""
+def load_config(
+    path: str | Path | None,
+    overrides: tuple[str, ...] = (),
+    check_ignored: bool = True,
+    preset: tuple[str, ...] = (),
+) -> RunConfig:
+    """Load a YAML run config (``None`` = all defaults) and apply ``--set`` overrides.
+
+    ``check_ignored=False`` skips :func:`check_ignored_settings`: for a run folder's saved
+    ``config.yaml``, which lists every key (older runs with older defaults).
+    """
     if path is None:
-        return config_from_dict({}, "<defaults>", overrides)
+        return config_from_dict({}, "<defaults>", overrides, check_ignored, preset)
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -380,7 +507,7 @@ def load_config(path: str | Path | None, overrides: tuple[str, ...] = ()) -> Run
         raw = _yaml_load(text)
     except (yaml.YAMLError, RecursionError) as error:
         raise ConfigError(f"{path}: invalid YAML: {error}".replace("\n", " ")) from None
-    return config_from_dict(raw, str(path), overrides)
+    return config_from_dict(raw, str(path), overrides, check_ignored, preset)
 
 
 def config_to_dict(config: Any) -> dict:

@@ -1,12 +1,20 @@
 """Full-ranking evaluation: rank each target against every item, history and padding masked.
 
 Scores are streamed over user chunks and item chunks, so memory stays bounded at any catalog size.
-A target's rank is the number of allowed items that score strictly higher than it.
+
+**Ties are broken at random, in expectation.** For each target the evaluation counts the allowed
+items that score strictly higher (``higher``) and those that tie with it (``ties``); the target's
+rank is then uniform over ``higher .. higher + ties`` and HR@k / NDCG@k are their expected values
+under that random tie-breaking. A model whose scores are all equal therefore ranks at chance
+(HR@k = k / n_allowed), neither in the target's favour nor against it. Two scores tie when they
+differ by less than the float32 rounding error of a d-term dot product (the chunked matmul and a
+single dot product round differently, so exact equality would split genuine ties).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,20 +22,56 @@ import torch
 KS = (5, 10, 20)
 
 
-def hit_rate(ranks: np.ndarray, k: int) -> float:
-    """HR@k: share of targets ranked in the top k (ranks are 0-based)."""
-    return float(np.mean(np.asarray(ranks) < k))
+class Ranks(NamedTuple):
+    """Where each target lands: ``higher`` allowed items score above it, ``ties`` score the same.
+
+    Both are (C,) int64 arrays (numpy or torch). The 0-based rank under random tie-breaking is
+    uniform over ``higher .. higher + ties``; :attr:`expected` is its mean.
+    """
+
+    higher: np.ndarray
+    ties: np.ndarray
+
+    @property
+    def expected(self) -> np.ndarray:
+        """(C,) float64 expected 0-based rank under random tie-breaking."""
+        return np.asarray(self.higher, dtype=np.float64) + 0.5 * np.asarray(self.ties)
 
 
-def ndcg(ranks: np.ndarray, k: int) -> float:
-    """NDCG@k with one relevant item: 1 / log2(rank + 2) if rank < k else 0, averaged."""
-    ranks = np.asarray(ranks, dtype=np.float64)
-    gains = np.where(ranks < k, 1.0 / np.log2(ranks + 2.0), 0.0)
-    return float(np.mean(gains))
+def _split(ranks) -> tuple[np.ndarray, np.ndarray]:
+    """(higher, ties) float64 arrays from :class:`Ranks` or plain 0-based ranks (no ties)."""
+    if isinstance(ranks, Ranks):
+        return np.asarray(ranks.higher, dtype=np.float64), np.asarray(ranks.ties, dtype=np.float64)
+    higher = np.asarray(ranks, dtype=np.float64)
+    return higher, np.zeros_like(higher)
 
 
-def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int] = KS) -> dict[str, float]:
-    """HR@k and NDCG@k for every k, keyed like ``{"hr@10": ..., "ndcg@10": ...}``."""
+def hit_rate(ranks, k: int) -> float:
+    """HR@k: expected share of targets ranked in the top k (0-based ranks, or :class:`Ranks`)."""
+    higher, ties = _split(ranks)
+    return float(np.mean(np.clip(k - higher, 0.0, ties + 1.0) / (ties + 1.0)))
+
+
+def _gain_prefix(k: int) -> np.ndarray:
+    """G[r] = sum of 1 / log2(i + 2) for i < r, r = 0..k."""
+    return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))])
+
+
+def ndcg(ranks, k: int) -> float:
+    """NDCG@k with one relevant item: 1 / log2(rank + 2) if rank < k else 0, in expectation over
+    random tie-breaking, averaged over targets."""
+    higher, ties = _split(ranks)
+    prefix = _gain_prefix(k)
+    lo = np.minimum(higher, k).astype(np.int64)
+    hi = np.minimum(higher + ties + 1.0, k).astype(np.int64)
+    return float(np.mean((prefix[hi] - prefix[lo]) / (ties + 1.0)))
+
+
+def metrics_from_ranks(ranks, ks: Sequence[int] = KS) -> dict[str, float]:
+    """HR@k and NDCG@k for every k, keyed like ``{"hr@10": ..., "ndcg@10": ...}``.
+
+    ``ranks`` is a :class:`Ranks` (expected metrics under random tie-breaking) or plain 0-based ranks.
+    """
     out = {}
     for k in ks:
         out[f"hr@{k}"] = hit_rate(ranks, k)
@@ -42,8 +86,8 @@ def rank_targets(
     targets: torch.Tensor,
     history: torch.Tensor,
     item_chunk: int = 1 << 16,
-) -> torch.Tensor:
-    """0-based rank of each target among all items, padding and history masked to -inf.
+) -> Ranks:
+    """How many allowed items score above each target, and how many tie with it.
 
     Args:
         h: (C, d) query hidden states.
@@ -52,18 +96,27 @@ def rank_targets(
         history: (C, H) int64 items to mask per row (values outside 1..N are ignored). The target
             itself is never masked, even if it occurs in the history.
     Returns:
-        (C,) int64 ranks.
+        :class:`Ranks` of (C,) int64 tensors ``higher`` and ``ties`` (the target not counted).
     """
-    C = h.shape[0]
+    C, d = h.shape
     N = item_embeddings.shape[0] - 1
     rows = torch.arange(C, device=h.device)
     target_emb = item_embeddings[targets]
-    target_score = (h * target_emb).sum(dim=1)  # (C,)
-    # The chunked matmul and this dot product round differently; scores within float noise of
-    # the target's count as ties (not higher), so items tied with the target never outrank it.
-    noise = 1e-5 * h.norm(dim=1) * target_emb.norm(dim=1)
-    threshold = target_score + noise
-    rank = torch.zeros(C, dtype=torch.int64, device=h.device)
+    # The target's score in float64; the chunked float32 matmul is within gamma_d * |h| * |e_j| of
+    # the exact score (gamma_d = d * u / (1 - d * u), u = 2^-24), so scores that close are ties.
+    target_score = (h.double() * target_emb.double()).sum(dim=1)  # (C,)
+    unit = 2.0**-24
+    gamma = d * unit / (1.0 - d * unit)
+    max_norm = (
+        item_embeddings[1:].norm(dim=1).max().double()
+        if N
+        else h.new_zeros((), dtype=torch.float64)
+    )
+    tolerance = 2.0 * gamma * h.double().norm(dim=1) * max_norm  # (C,)
+    lower = (target_score - tolerance).float()[:, None]
+    upper = (target_score + tolerance).float()[:, None]
+    higher = torch.zeros(C, dtype=torch.int64, device=h.device)
+    within = torch.zeros(C, dtype=torch.int64, device=h.device)
     history = torch.where(history == targets[:, None], 0, history)
     for start in range(1, N + 1, item_chunk):
         end = min(start + item_chunk, N + 1)
@@ -72,8 +125,10 @@ def rank_targets(
         scores[rows[:, None].expand_as(history)[inside], history[inside] - start] = float("-inf")
         in_chunk = (targets >= start) & (targets < end)
         scores[rows[in_chunk], targets[in_chunk] - start] = float("-inf")
-        rank += (scores > threshold[:, None]).sum(dim=1)
-    return rank
+        above = scores > upper
+        higher += above.sum(dim=1)
+        within += ((scores >= lower) & ~above).sum(dim=1)
+    return Ranks(higher, within)
 
 
 @torch.no_grad()
@@ -89,8 +144,9 @@ def evaluate_ranking(
     ks: Sequence[int] = KS,
     show_progress: bool = False,
     users: np.ndarray | None = None,
-) -> tuple[dict[str, float], np.ndarray]:
-    """Full-ranking HR@k / NDCG@k of next-item prediction from the last position.
+) -> tuple[dict[str, float], Ranks]:
+    """Full-ranking HR@k / NDCG@k of next-item prediction from the last position (ties broken at
+    random, in expectation: see the module docstring).
 
     Args:
         encode: maps (B, T) int64 ids to (B, T, d) hidden states (e.g. ``model.encode``, in eval mode).
@@ -99,7 +155,7 @@ def evaluate_ranking(
         history_indptr, history_items: CSR of items to mask for each user.
         users: rows to evaluate (default all), e.g. a fixed random subset on huge catalogs.
     Returns:
-        metrics dict and the ranks of the evaluated rows (in ``users`` order).
+        metrics dict and the :class:`Ranks` (numpy) of the evaluated rows, in ``users`` order.
     """
     from tqdm.auto import tqdm
 
@@ -107,7 +163,8 @@ def evaluate_ranking(
 
     n_items = item_embeddings.shape[0] - 1
     users = np.arange(inputs.shape[0]) if users is None else np.asarray(users)
-    ranks = np.empty(inputs.shape[0], dtype=np.int64)
+    higher = np.zeros(inputs.shape[0], dtype=np.int64)
+    ties = np.zeros(inputs.shape[0], dtype=np.int64)
     item_chunk = max(1024, (1 << 25) // max(batch_size, 1))
     # users in order of length, so each chunk can drop its common left padding
     lengths = np.maximum((inputs[users] > 0).sum(axis=1), 1)
@@ -122,6 +179,8 @@ def evaluate_ranking(
             pad_rows(history_indptr, history_items, rows, n_items + 1), device=device
         )
         tgt = torch.as_tensor(targets[rows], device=device)
-        ranks[rows] = rank_targets(h, item_embeddings, tgt, hist, item_chunk).cpu().numpy()
-    ranks = ranks[users]
+        counts = rank_targets(h, item_embeddings, tgt, hist, item_chunk)
+        higher[rows] = counts.higher.cpu().numpy()
+        ties[rows] = counts.ties.cpu().numpy()
+    ranks = Ranks(higher[users], ties[users])
     return metrics_from_ranks(ranks, ks), ranks

@@ -15,21 +15,27 @@ approximate result is measured against, and ``recall_at_k`` compares the two.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from annsample.errors import ItemIndexError
+from annsample.torch_ivf import InvertedLists, build_inverted_lists, search_inverted_lists
+
+try:
+    import faiss
+except ImportError:  # the torch backends ("exact", "torch_ivf") run without it, e.g. on CUDA 13
+    faiss = None
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "faiss", "faiss-gpu", "exact")
+BACKENDS = ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf")
 METRICS = ("ip", "l2_augmented", "cosine")
 STATE_DICT_FORMAT = "annsample.ItemIndex/1"
 
@@ -45,9 +51,59 @@ _BLOCK_ELEMENTS = 1 << 24
 _warned_small_training_sets: set[tuple[int, int]] = set()
 
 
+def default_nlist(n: int) -> int:
+    """The IVF list count for a catalog of ``n`` items: round(sqrt(n)), at most n // 39, at least 1.
+
+    sqrt(n) lists of about sqrt(n) items balance the two costs of a query (scoring the centroids
+    and scanning the probed lists); the cap keeps the 39 training points per centroid FAISS's
+    k-means asks for. ``sampler.index.nlist: 0`` (the default) means this.
+
+    >>> default_nlist(12101), default_nlist(1_000_000), default_nlist(100)
+    (110, 1000, 2)
+    """
+    n = _as_int(n, "n")
+    if n < 1:
+        raise ItemIndexError(f"the catalog must hold at least one item, got n={n}")
+    return max(1, min(round(math.sqrt(n)), n // MIN_POINTS_PER_CENTROID))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Lists probed per query for ``nlist`` lists: ceil(nlist / 8), at least 1 (an eighth of the
+    catalog scanned per query). ``sampler.index.nprobe: 0`` (the default) means this.
+
+    >>> default_nprobe(110), default_nprobe(1000), default_nprobe(2)
+    (14, 125, 1)
+    """
+    nlist = _as_int(nlist, "nlist")
+    if nlist < 1:
+        raise ItemIndexError(f"nlist={nlist} must be positive")
+    return max(1, math.ceil(nlist / 8))
+
+
+def resolve_nlist_nprobe(nlist: int, nprobe: int, n: int) -> tuple[int, int]:
+    """(nlist, nprobe) for a catalog of ``n`` items, 0 meaning the default rule for either.
+
+    >>> resolve_nlist_nprobe(0, 0, 12101), resolve_nlist_nprobe(128, 0, 12101)
+    ((110, 14), (128, 16))
+    """
+    nlist = _as_int(nlist, "nlist") or default_nlist(n)
+    nprobe = _as_int(nprobe, "nprobe") or default_nprobe(nlist)
+    if nlist > n:
+        raise ItemIndexError(
+            f"nlist={nlist} is larger than the number of items N={n}; lower it, or set nlist=0 "
+            f"for default_nlist(N) = {default_nlist(n)} (sqrt(N), at most N // 39)"
+        )
+    if nprobe > nlist:
+        raise ItemIndexError(
+            f"nprobe={nprobe} must be at most nlist={nlist}; lower it or set nprobe=0 for "
+            f"default_nprobe(nlist) = {default_nprobe(nlist)} (nlist / 8)"
+        )
+    return nlist, nprobe
+
+
 def _faiss_gpu_available() -> bool:
     """Whether this faiss build can run on a GPU and sees at least one."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
 def _as_int(value: Any, name: str) -> int:
@@ -196,6 +252,7 @@ class _Contents:
     gpu_resources: Any = None
     gpu_lock: threading.Lock | None = None  # GPU nprobe is index state, so searches serialise
     xb: torch.Tensor | None = None  # (N, d') stored vectors (exact backend)
+    lists: InvertedLists | None = None  # torch_ivf backend, on the search device
 
 
 class ItemIndex:
@@ -206,8 +263,10 @@ class ItemIndex:
         nlist: number of IVF lists (k-means centroids).
         nprobe: lists visited per query; settable, 1 <= nprobe <= nlist.
         backend: "faiss" (CPU IndexIVFFlat), "faiss-gpu" (FAISS GPU IVF), "exact" (chunked torch
-            matmul top-k on the tensors' device) or "auto" (faiss-gpu if FAISS sees a GPU and xb is
-            on CUDA, else exact if xb is on CUDA, else faiss), resolved at the first build.
+            matmul top-k on the tensors' device), "torch_ivf" (the same IVF in pure torch on the
+            tensors' device, see :mod:`annsample.torch_ivf`) or "auto" (faiss-gpu if FAISS sees a
+            GPU and xb is on CUDA, else torch_ivf if xb is on CUDA, else faiss; torch_ivf when
+            faiss is not installed), resolved at the first build.
         metric: how inner-product search is made IVF-friendly. "ip": plain inner-product IVF with
             spherical k-means (FAISS's default); "l2_augmented": MIPS -> L2 reduction, xb gets an
             extra coordinate sqrt(M^2 - |x|^2) and xq a 0, so lists and probes follow L2 in that
@@ -253,6 +312,11 @@ class ItemIndex:
             raise ItemIndexError(
                 f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
             )
+        if backend in ("faiss", "faiss-gpu") and faiss is None:
+            raise ItemIndexError(
+                f"backend {backend!r} needs the faiss package, which is not installed; install "
+                "faiss-cpu, or use backend='torch_ivf' (the same IVF in torch, on any device)"
+            )
         if backend == "faiss-gpu" and not _faiss_gpu_available():
             raise ItemIndexError(
                 "backend 'faiss-gpu' was requested but this faiss build sees no GPU "
@@ -284,7 +348,7 @@ class ItemIndex:
 
     @property
     def backend(self) -> str:
-        """The backend in use ("faiss", "faiss-gpu", "exact"); "auto" until the first build."""
+        """The backend in use ("faiss", "faiss-gpu", "exact", "torch_ivf"); "auto" before a build."""
         return self._resolved or self.requested_backend
 
     @property
@@ -341,7 +405,9 @@ class ItemIndex:
 
         Args:
             xb: (N, d) float32 item embeddings (e.g. the item table without its padding row).
-            ids: (N,) int64 non-negative unique ids returned by ``search``; default arange(N).
+            ids: (N,) int64 non-negative unique ids returned by ``search``; default arange(N), row
+                numbers. For ``AnnSampler`` pass item ids, ``torch.arange(1, N + 1)`` for the table
+                without its padding row: it refuses an index that returns id 0 (padding).
             step: the training step these embeddings come from; becomes ``version``.
 
         Returns:
@@ -380,7 +446,12 @@ class ItemIndex:
         xb = _check_matrix(xb, "xb", self.dim)
         ids = self._ids_for_refresh(ids, xb, contents)
         step = _as_int(step, "step")
-        stored, norms, max_norm = self._transform(self._to_compute_device(xb))
+        # l2_augmented keeps the M the centroids were trained with: recomputing it would move every
+        # row's extra coordinate while the centroids keep the old one, and one list would swallow
+        # most rows. Rows that outgrow M get extra coordinate 0 until the next retrain.
+        stored, norms, max_norm = self._transform(
+            self._to_compute_device(xb), max_norm=contents.max_norm
+        )
         self._contents = self._fill(stored, contents.centroids, ids, norms, max_norm, step)
         self._log("re_add", start)
 
@@ -399,9 +470,11 @@ class ItemIndex:
         if self._resolved != "exact":
             self._check_enough_rows(xb.shape[0])
             train = self._training_sample(stored, step)
-            # Warm start: the old centroids are close, so a few iterations suffice. (For
-            # l2_augmented their extra coordinate follows the old M; k-means corrects it.)
-            centroids = self._kmeans(train, contents.centroids.to(train.device))
+            # Warm start: the old centroids are close, so a few iterations suffice.
+            init = contents.centroids.to(train.device)
+            if self.metric == "l2_augmented" and contents.max_norm is not None:
+                init = _shift_augmented_centroids(init, contents.max_norm, max_norm)
+            centroids = self._kmeans(train, init)
         self._contents = self._fill(stored, centroids, ids, norms, max_norm, step)
         self._log("retrain", start)
 
@@ -440,6 +513,9 @@ class ItemIndex:
                 assert contents.xb is not None
                 q = self._transform_queries(xq.to(contents.xb.device))
                 D, I = exact_topk(q, contents.xb, k)
+            elif contents.lists is not None:
+                q = self._transform_queries(xq.to(contents.lists.device))
+                D, I = search_inverted_lists(contents.lists, q.contiguous(), k, nprobe)
             else:
                 q = self._transform_queries(xq.cpu()).contiguous().numpy()
                 if contents.gpu_ivf is not None:
@@ -456,6 +532,18 @@ class ItemIndex:
                 D, I = torch.from_numpy(D_np), torch.from_numpy(I_np)
             D, I = self._finish(contents, D, I)
         return D.to(out_device), I.to(out_device)
+
+    def list_sizes(self) -> torch.Tensor:
+        """(nlist,) int64 number of items in each IVF list (a balance check: one list holding most
+        items means every probe scans most of the catalog)."""
+        contents = self._require_centroids("list_sizes")
+        if contents.centroids is None:
+            raise ItemIndexError("the exact backend has no IVF lists")
+        if contents.ntotal == 0:
+            return torch.zeros(self._nlist, dtype=torch.int64)
+        ivf = contents.ivf if contents.ivf is not None else faiss.index_gpu_to_cpu(contents.gpu_ivf)
+        invlists = faiss.downcast_InvertedLists(ivf.invlists)
+        return torch.tensor([invlists.list_size(i) for i in range(self._nlist)], dtype=torch.int64)
 
     # ----------------------------------------------------------------------------- state
 
@@ -606,31 +694,34 @@ class ItemIndex:
         if self._nlist > n:
             raise ItemIndexError(
                 f"nlist={self._nlist} is larger than the number of items N={n}; lower nlist to at "
-                f"most N (about 4 * sqrt(N) = {max(1, int(4 * n**0.5))} is a common choice)"
+                f"most N (default_nlist(N) = {default_nlist(n)}: sqrt(N), at most N // 39)"
             )
 
     def _resolve_backend(self, xb: torch.Tensor) -> str:
         if self.requested_backend != "auto":
             return self.requested_backend
         if xb.is_cuda:
-            return "faiss-gpu" if _faiss_gpu_available() else "exact"
-        return "faiss"
+            return "faiss-gpu" if _faiss_gpu_available() else "torch_ivf"
+        return "faiss" if faiss is not None else "torch_ivf"
 
     def _to_compute_device(self, xb: torch.Tensor) -> torch.Tensor:
         """Where k-means and assignment run: the exact backend's device, CPU for faiss unless on CUDA."""
         contents = self._contents
         if self._resolved == "exact" and contents is not None and contents.xb is not None:
             return xb.to(contents.xb.device)
+        if self._resolved == "torch_ivf" and contents is not None and contents.lists is not None:
+            return xb.to(contents.lists.device)
         if self._resolved == "faiss":
             return xb.cpu()
         return xb
 
     def _transform(
-        self, xb: torch.Tensor
+        self, xb: torch.Tensor, max_norm: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
         """Map xb (N, d) into the searched space: (stored (N, d'), norms, max_norm).
 
-        For metric "ip" ``stored`` may alias ``xb``.
+        For metric "ip" ``stored`` may alias ``xb``. For "l2_augmented", ``max_norm`` fixes M (a
+        re-add keeps the centroids' M); None takes the largest row norm of ``xb``.
         """
         if self.metric == "ip":
             return xb.contiguous(), None, None
@@ -639,7 +730,7 @@ class ItemIndex:
             norms = squared.sqrt()
             return (xb / norms.clamp_min(1e-30)[:, None]).contiguous(), norms, None
         # l2_augmented: every stored row gets norm M, so L2 in d + 1 dims ranks like IP in d.
-        max_squared = float(squared.max())
+        max_squared = float(squared.max()) if max_norm is None else max_norm**2
         extra = (max_squared - squared).clamp_min(0).sqrt()
         stored = torch.cat([xb, extra[:, None]], dim=1).contiguous()
         return stored, None, max_squared**0.5
@@ -684,7 +775,9 @@ class ItemIndex:
             centroids = torch.nn.functional.normalize(centroids, dim=1)
         n, nlist = train.shape[0], self._nlist
         for _ in range(self.kmeans_iters):
-            assign = nearest_centroid(train, centroids, l2=not spherical)
+            assign = nearest_centroid(
+                train, centroids, l2=not spherical, use_faiss=self._resolved != "torch_ivf"
+            )
             # Per-list sums as a sparse (nlist, n) one-hot times train: much faster than
             # index_add_ on CPU, and the same code on CUDA.
             one_hot = torch.sparse_coo_tensor(
@@ -733,6 +826,11 @@ class ItemIndex:
                 norms = norms.to(stored.device)
             return _Contents(version, n, ids, None, norms, max_norm, xb=stored)
         assert centroids is not None
+        if self._resolved == "torch_ivf":
+            lists = build_inverted_lists(stored, centroids, l2=self.metric == "l2_augmented")
+            if norms is not None:
+                norms = norms.to(stored.device)
+            return _Contents(version, n, ids, centroids, norms, max_norm, lists=lists)
         assign = nearest_centroid(
             stored, centroids.to(stored.device), l2=self.metric == "l2_augmented"
         )
@@ -773,6 +871,8 @@ class ItemIndex:
     def _stored_vectors(self, contents: _Contents) -> torch.Tensor:
         if contents.xb is not None:
             return contents.xb.cpu().clone()
+        if contents.lists is not None:
+            return contents.lists.vectors().cpu()
         ivf = contents.ivf if contents.ivf is not None else faiss.index_gpu_to_cpu(contents.gpu_ivf)
         return torch.from_numpy(_ivf_vectors(ivf, contents.ntotal))
 
@@ -791,24 +891,27 @@ class ItemIndex:
         )
 
 
-def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, l2: bool = False) -> torch.Tensor:
+def nearest_centroid(
+    x: torch.Tensor, centroids: torch.Tensor, l2: bool = False, use_faiss: bool = True
+) -> torch.Tensor:
     """The IVF assignment step: the list of every row, 2 * n * nlist * d FLOPs.
 
     Args:
         x: (n, d') float32 rows, on CPU (FAISS flat search) or CUDA (chunked torch matmul).
         centroids: (nlist, d') float32 centroids.
         l2: argmin |x - c|^2 instead of argmax x · c.
+        use_faiss: on CPU, use FAISS's flat search when faiss is installed (else chunked torch).
 
     Returns:
         (n,) int64 list numbers, on ``x``'s device.
     """
-    if not x.is_cuda:
+    if not x.is_cuda and use_faiss and faiss is not None:
         # FAISS's flat k=1 search fuses the GEMM with the arg-max: as fast as a bare sgemm here.
         flat = faiss.IndexFlatL2(x.shape[1]) if l2 else faiss.IndexFlatIP(x.shape[1])
         flat.add(centroids.cpu().contiguous().numpy())
         _, I = flat.search(x.contiguous().numpy(), 1)
         return torch.from_numpy(I[:, 0])
-    # On CUDA a chunked matmul + argmax beats a round trip to the host.
+    # On CUDA a chunked matmul + argmax beats a round trip to the host (and needs no faiss).
     scores_bias = -0.5 * (centroids * centroids).sum(dim=1) if l2 else None
     out = torch.empty(x.shape[0], dtype=torch.int64, device=x.device)
     rows = max(1, _BLOCK_ELEMENTS // centroids.shape[0])
@@ -819,6 +922,18 @@ def nearest_centroid(x: torch.Tensor, centroids: torch.Tensor, l2: bool = False)
             scores += scores_bias  # argmin |x-c|^2 == argmax x·c - |c|^2/2
         out[r0 : r0 + rows] = scores.argmax(dim=1)
     return out
+
+
+def _shift_augmented_centroids(centroids: torch.Tensor, old: float, new: float) -> torch.Tensor:
+    """(nlist, d + 1) l2_augmented centroids moved from M = ``old`` to M = ``new``.
+
+    A row's extra coordinate sqrt(M^2 - |x|^2) squared shifts by new^2 - old^2 when M changes; the
+    centroids' extra coordinate gets the same shift, so they stay where their rows now are.
+    """
+    shifted = centroids.clone()
+    extra = shifted[:, -1]
+    shifted[:, -1] = (extra * extra + (new * new - old * old)).clamp_min(0).sqrt()
+    return shifted
 
 
 def _ivf_from_assignment(

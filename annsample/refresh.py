@@ -17,11 +17,15 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import faiss
 import torch
 
 from annsample.errors import ConfigError, ItemIndexError
 from annsample.index import ItemIndex
+
+try:
+    import faiss
+except ImportError:  # the torch index backends need no faiss (see annsample.index)
+    faiss = None
 
 logger = logging.getLogger(__name__)
 
@@ -549,7 +553,7 @@ class IndexRefresher:
 
     def _work(self) -> None:
         """Worker thread: run queued requests one at a time until closed."""
-        if self.worker_threads is not None:
+        if self.worker_threads is not None and faiss is not None:
             faiss.omp_set_num_threads(self.worker_threads)  # this thread only
         while True:
             with self._cond:

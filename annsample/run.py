@@ -26,7 +26,8 @@ def load_run(run_dir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[RunC
             raise RunError(
                 f"run folder {run} has no {path.name}; it is not a finished training run"
             )
-    return load_config(config_path, overrides), checkpoint
+    # a saved config lists every key, so settings its sampler ignores are not errors here
+    return load_config(config_path, overrides, check_ignored=False), checkpoint
 
 
 def run_config_path(run_dir: str | Path) -> Path:

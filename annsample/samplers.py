@@ -27,10 +27,13 @@ class Negatives:
 
     Attributes:
         ids: (P, k) int64 item ids in 1..N.
-        log_q: (P, k) float32 log probability of drawing each id under the sampler's proposal for
-            that position. Exact for samplers with ``exact_log_q`` (for ``ann`` with
-            ``tail_samples``: the proposal averaged over the tail draw, see :class:`AnnSampler`);
-            for ``pool`` it is conditional on the shared pool, and ``dns`` reports zeros.
+        log_q: (P, k) float32 log proposal probability of each id for that position. Exact for
+            ``uniform``, ``popularity``, ``exact`` and ``ann`` without a tail. ``ann`` with
+            ``tail_samples``: log[(1-ε)·exp(α·s_j)/W + ε/n_allowed], W the call's normaliser (an
+            unbiased estimate of the GenNi partition function Z from the shared tail draw):
+            neither the conditional nor the marginal probability, but what keeps
+            Σ exp(α·s_j)/q_j unbiased for Z (see :class:`AnnSampler`). ``pool``: conditional on
+            the shared pool; ``dns``: zeros.
     """
 
     ids: torch.Tensor
@@ -41,23 +44,28 @@ class Exclusions:
     """The items each position may not draw: padding, its positive, and its row's history.
 
     Args:
-        history: (R, H) int64, row r lists the items excluded for sequence r, sorted ascending, each
-            at most once, padded on the right with any value > n_items. ``H`` may be 0.
-        row: (P,) int64, the history row of each position (which sequence it belongs to).
-        positives: (P,) int64 positive item of each position.
+        history: (R, H) int64, row r lists the items excluded for sequence r, in any order,
+            repeats allowed; values outside 1..n_items (0, negatives, anything > n_items) are
+            padding. ``H`` may be 0. Rows are normalised to sorted, unique, right-padded.
+        row: (P,) int64, the history row of each position (which sequence it belongs to), in [0, R).
+        positives: (P,) int64 positive item of each position, in 1..n_items.
         n_items: catalog size N.
+
+    Raises:
+        SamplerError: wrong shapes or dtypes, a row outside [0, R), a positive outside 1..N.
     """
 
     def __init__(
         self, history: torch.Tensor, row: torch.Tensor, positives: torch.Tensor, n_items: int
     ) -> None:
+        _check_exclusion_inputs(history, row, positives, n_items)
         R, H = history.shape
         self.n_items = n_items
         self.row = row
         self.positives = positives
         self.n_rows = R
         device = history.device
-        history = torch.where(history > n_items, n_items + 1, history)
+        history = _normalise_history(history, n_items)
         if H == 0:
             history = torch.full((R, 1), n_items + 1, dtype=torch.int64, device=device)
             H = 1
@@ -141,6 +149,47 @@ class Exclusions:
         mask[:, 0] = True
         mask[torch.arange(P, device=mask.device), self.positives] = True
         return mask[:, : self.n_items + 1]
+
+
+def _check_exclusion_inputs(
+    history: torch.Tensor, row: torch.Tensor, positives: torch.Tensor, n_items: int
+) -> None:
+    """Raise SamplerError unless the Exclusions inputs have the documented shapes and ranges."""
+    for name, x, dim in (("history", history, 2), ("row", row, 1), ("positives", positives, 1)):
+        if not isinstance(x, torch.Tensor) or x.dim() != dim or x.dtype != torch.int64:
+            got = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise SamplerError(
+                f"Exclusions {name} must be a {dim}-D int64 tensor, got {got}; convert with .long()"
+            )
+    if row.shape != positives.shape:
+        raise SamplerError(
+            f"Exclusions row {tuple(row.shape)} and positives {tuple(positives.shape)} must have "
+            "one entry per position each"
+        )
+    if row.numel() and (int(row.min()) < 0 or int(row.max()) >= history.shape[0]):
+        raise SamplerError(
+            f"Exclusions row holds {int(row.min())}..{int(row.max())} but history has "
+            f"{history.shape[0]} rows; each position's row must index history"
+        )
+    if positives.numel() and (int(positives.min()) < 1 or int(positives.max()) > n_items):
+        raise SamplerError(
+            f"Exclusions positives hold {int(positives.min())}..{int(positives.max())} but item ids "
+            f"run from 1 to n_items={n_items} (0 is padding); pass only real positions"
+        )
+
+
+def _normalise_history(history: torch.Tensor, n_items: int) -> torch.Tensor:
+    """(R, H) rows sorted ascending, each item once, padded on the right with n_items + 1."""
+    pad = n_items + 1
+    history = torch.where((history < 1) | (history > n_items), pad, history)
+    if history.shape[1] < 2:
+        return history
+    history = history.sort(dim=1).values
+    repeat = torch.zeros_like(history, dtype=torch.bool)
+    repeat[:, 1:] = (history[:, 1:] == history[:, :-1]) & (history[:, 1:] <= n_items)
+    if bool(repeat.any()):
+        history = history.masked_fill(repeat, pad).sort(dim=1).values
+    return history
 
 
 def _uniform_int(high: torch.Tensor, m: int, generator: torch.Generator) -> torch.Tensor:
@@ -453,11 +502,10 @@ def _draw_from_candidates(
         candidates: (P, M) int64 candidate ids (a repeated id's slots add up).
         epsilon: uniform mass, a float or (P,) per row; rows with no usable candidate use ε = 1.
         tail: the last ``tail`` slots are a random uniform tail whose logits carry the weight
-            log(n_tail / M'), standing in for every item outside the first M - tail slots. Those
-            items then get the mass the proposal gives them averaged over tail draws (to first
-            order in M' / N), exp(α·s_u) / W with W the slot normaliser, rather than the mass given
-            this draw, which would count each tail item once and make Σ exp(α·s_j) / q_j miss the
-            mass outside the candidates.
+            log(n_tail / M'), standing in for every item outside the first M - tail slots. Every
+            drawn id gets exp(α·s_j) / W, W the slot normaliser (GenNi's probability with Z
+            replaced by its estimate W), rather than its conditional mass, which would count each
+            tail item once and make Σ exp(α·s_j) / q_j miss the mass outside the candidates.
         score: with ``tail``, ``score(rows, ids)`` -> the α-scaled scores of those (row, id) pairs.
     Returns:
         ids (P, k) and the log probability of each id under that mixture: exact without a tail.
@@ -502,6 +550,19 @@ def _slot_mass(ids: torch.Tensor, slot_ids: torch.Tensor, slot_p: torch.Tensor) 
     return (cumulative.gather(1, hi) - cumulative.gather(1, lo)).clamp_(min=0.0)
 
 
+_PADDING_ID_MESSAGE = (
+    "the index returns item id 0, which is padding: item ids run from 1 to N, so build it with "
+    "ids=torch.arange(1, N + 1) (row r of item_embeddings[1:] is item r + 1)"
+)
+
+
+def _check_candidate_ids(I: torch.Tensor) -> torch.Tensor:
+    """I (Q, K) unchanged, or SamplerError if the index speaks row numbers (id 0) not item ids."""
+    if bool((I == 0).any()):
+        raise SamplerError(_PADDING_ID_MESSAGE)
+    return I
+
+
 class AnnSampler:
     """The product: GenNi negatives from an IVF index's candidates, rescored with current embeddings.
 
@@ -518,11 +579,15 @@ class AnnSampler:
             softmax share estimates the GenNi mass outside the candidates, so the proposal tracks
             exact GenNi when its distribution is flat (early training) or the index is stale, and
             stays on the candidates when they hold the mass. The draws follow the proposal given
-            the tail draw (:meth:`probabilities`); ``log_q`` is that proposal averaged over tail
-            draws, to first order in M / N, so that Σ exp(α·s_j) / q_j still estimates the
-            partition function without bias (the conditional q would count each tail item once
-            and a sampled softmax would miss the mass outside the candidates). With M = 0
-            ``log_q`` is exact outright.
+            the tail draw (:meth:`probabilities`). ``log_q`` is
+            log[(1-ε)·exp(α·s_j)/W + ε/n_allowed] for every drawn j, candidate or tail, with W
+            the call's slot normaliser: GenNi's probability with the partition function Z
+            replaced by its tail estimate W. It is neither the conditional probability (a tail
+            item's is n_tail/M' times larger) nor the marginal over tail draws (no closed form);
+            it keeps Σ exp(α·s_j) / q_j unbiased for Z. At α = 1, ε = 0 every corrected logit
+            s_j - log q_j equals log W, so the partition estimate of a sampled softmax is W and
+            its variance (from the tail draw, shared by the batch) does not fall with k.
+            With M = 0 ``log_q`` is exact outright.
         query: "position" (every position queries the index) or "sequence" (each sequence's last
             hidden state queries once; its candidates serve all its positions, rescored per position).
     """
@@ -545,6 +610,9 @@ class AnnSampler:
             raise SamplerError(f"ann query mode {query!r} unknown; use 'position' or 'sequence'")
         if not 0.0 <= epsilon <= 1.0:
             raise SamplerError(f"ann epsilon must be in [0, 1], got {epsilon}")
+        ids = getattr(index, "ids", None)  # an ItemIndex's ids, once built
+        if isinstance(ids, torch.Tensor) and ids.numel() and int(ids.min()) < 1:
+            raise SamplerError(_PADDING_ID_MESSAGE)
         self.index = index
         self.alpha = alpha
         self.candidates = candidates
@@ -565,9 +633,9 @@ class AnnSampler:
                     "ann query='sequence' needs sequence_queries (one hidden state per row)"
                 )
             _, I = index.search(sequence_queries.float().contiguous(), self.candidates)
-            return I.to(queries.device)[exclusions.row]
+            return _check_candidate_ids(I).to(queries.device)[exclusions.row]
         _, I = index.search(queries.float().contiguous(), self.candidates)
-        return I.to(queries.device)
+        return _check_candidate_ids(I).to(queries.device)
 
     def _rescore(self, queries, item_embeddings, candidates) -> torch.Tensor:
         P, d = queries.shape

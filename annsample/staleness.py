@@ -76,3 +76,30 @@ def measure_staleness(
         stats["sampler/hardness"] = float((q * share).sum(1).mean())
         stats["sampler/exact_hardness"] = float((p * share).sum(1).mean())
     return stats
+
+
+class BuiltSnapshots:
+    """The item table the *published* index was built from, for drift.
+
+    An asynchronous refresh publishes later than it is requested, and a queued request can be
+    replaced before it runs; taking the requested snapshot as built would understate staleness.
+    Snapshots wait here, keyed by their step, until ``sync`` sees an index of that version.
+
+    Args:
+        built: (N, d) float32 table of the current index, or None when drift is not measured.
+    """
+
+    def __init__(self, built: torch.Tensor | None) -> None:
+        self.built = built
+        self._pending: dict[int, torch.Tensor] = {}
+
+    def requested(self, step: int, snapshot: torch.Tensor) -> None:
+        """A refresh from ``snapshot`` (N, d), the table at training step ``step``, was requested."""
+        if self.built is not None:
+            self._pending[step] = snapshot
+
+    def sync(self, version: int) -> None:
+        """The published index has ``version``: its snapshot becomes ``built``; older ones go."""
+        if version in self._pending:
+            self.built = self._pending[version]
+        self._pending = {step: x for step, x in self._pending.items() if step > version}

@@ -27,25 +27,28 @@ from tqdm.auto import tqdm
 
 from annsample import checkpoint as checkpoint_mod
 from annsample import data as data_mod
+from annsample import distributed
+from annsample.api import sample_negatives, sampled_logits, sampled_loss
 from annsample.config import RunConfig, config_to_dict, dump_config
 from annsample.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    ItemIndexError,
     NumericalError,
     RunError,
     SamplerError,
 )
 from annsample.evaluate import evaluate_ranking
-from annsample.losses import bce_loss, full_ce_loss, gbce_loss, sampled_softmax_loss
+from annsample.losses import full_ce_loss
 from annsample.model import SASRec, count_parameters
 from annsample.samplers import (
     AnnSampler,
     DNSSampler,
     ExactSampler,
-    Exclusions,
     PoolSampler,
     PopularitySampler,
+    Sampler,
     UniformSampler,
 )
 
@@ -193,6 +196,10 @@ def build_sampler(config: RunConfig, prepared: Prepared, index_source=None):
         return PopularitySampler(prepared.popularity, beta=s.beta)
     if s.name == "exact":
         return ExactSampler(alpha=s.alpha)
+    if s.name == "exact_gumbel":
+        from annsample.exact_gumbel import GumbelExactSampler
+
+        return GumbelExactSampler(alpha=s.alpha, precision=s.matmul_precision)
     if s.name == "pool":
         return PoolSampler(alpha=s.alpha, pool_size=s.pool_size)
     if s.name == "dns":
@@ -209,18 +216,34 @@ def build_sampler(config: RunConfig, prepared: Prepared, index_source=None):
     raise ValueError(f"unknown sampler {s.name!r}")  # config validation makes this unreachable
 
 
-def make_index_refresher(config: RunConfig, dim: int):
-    """An :class:`IndexRefresher` over an :class:`ItemIndex` configured by ``sampler.index``."""
-    from annsample.index import ItemIndex
+def make_index_refresher(config: RunConfig, dim: int, n_items: int | None = None):
+    """An :class:`IndexRefresher` over an :class:`ItemIndex` configured by ``sampler.index``.
+
+    ``n_items`` (the catalog size) resolves ``nlist: 0`` / ``nprobe: 0`` by the default rule
+    (:func:`annsample.index.resolve_nlist_nprobe`).
+    """
+    from annsample.index import ItemIndex, resolve_nlist_nprobe
     from annsample.refresh import IndexRefresher
 
     ic = config.sampler.index
+    if n_items is None:
+        if not (ic.nlist and ic.nprobe):
+            raise ConfigError(
+                "sampler.index.nlist / nprobe = 0 follow the catalog size: pass n_items to "
+                "make_index_refresher, or set both explicitly"
+            )
+        nlist, nprobe = ic.nlist, ic.nprobe
+    else:
+        try:
+            nlist, nprobe = resolve_nlist_nprobe(ic.nlist, ic.nprobe, n_items)
+        except ItemIndexError as error:
+            raise ConfigError(f"sampler.index: {error}") from None
 
     def factory() -> ItemIndex:
         return ItemIndex(
             dim,
-            nlist=ic.nlist,
-            nprobe=ic.nprobe,
+            nlist=nlist,
+            nprobe=nprobe,
             backend=ic.backend,
             metric=ic.metric,
             seed=config.seed,
@@ -259,6 +282,13 @@ def check_sampler_fits(config: RunConfig, prepared: Prepared) -> None:
     s, n_items = config.sampler, prepared.n_items
     if config.loss.name == "full_ce":
         return
+    if s.name == "ann":
+        from annsample.index import resolve_nlist_nprobe
+
+        try:
+            resolve_nlist_nprobe(s.index.nlist, s.index.nprobe, n_items)
+        except ItemIndexError as error:
+            raise ConfigError(f"sampler.index: {error}") from None
     if s.name == "ann" and s.candidates > n_items:
         raise ConfigError(
             f"sampler.candidates={s.candidates} is more than the catalog's {n_items} items; "
@@ -279,23 +309,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def batch_exclusions(
-    prepared: Prepared,
-    users: np.ndarray,
-    row: torch.Tensor,
-    positives: torch.Tensor,
-    exclude_history: bool,
-    device: torch.device,
-) -> Exclusions:
-    """Exclusions for the real positions of a batch of users (rows = batch rows)."""
-    n_items = prepared.n_items
-    if not exclude_history:
-        empty = torch.empty((len(users), 0), dtype=torch.int64, device=device)
-        return Exclusions(empty, row, positives, n_items)
-    history = data_mod.pad_rows(prepared.history_indptr, prepared.history_items, users, n_items + 1)
-    return Exclusions(torch.as_tensor(history, device=device), row, positives, n_items)
 
 
 def evaluate_model(
@@ -378,16 +391,17 @@ def train(
     weights, metrics records and results as the uninterrupted run.
     """
     out = Path(out_dir)
+    ctx = distributed.init(resolve_device(config.train.device))  # no-op unless torchrun started us
     checkpoint: dict[str, Any] | None = None
     if resume:
         checkpoint_path, checkpoint, corrupt = _resume_point(out)
         changed = checkpoint_mod.check_config(checkpoint, config_to_dict(config), checkpoint_path)
-    else:
+    elif ctx.is_main:
         check_run_dir(out, overwrite)
     tc = config.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
-    device = resolve_device(tc.device)
+    device = distributed.device_for(ctx, resolve_device(tc.device))
     seed_everything(config.seed)
     prepared = prepare_data(config)
     split = prepared.split
@@ -409,11 +423,14 @@ def train(
     sampler_generator = torch.Generator(device=device).manual_seed(config.seed + 1)
     order_generator = torch.Generator().manual_seed(config.seed + 2)
     generators = {"sampler": sampler_generator, "order": order_generator}
+    distributed.decorrelate(ctx, config.seed, 0, [sampler_generator])
 
     refresher = schedule = monitor = None
     if config.loss.name != "full_ce" and config.sampler.name == "ann":
-        refresher = make_index_refresher(config, config.model.hidden_size)
+        refresher = make_index_refresher(config, config.model.hidden_size, prepared.n_items)
         schedule = make_refresh_schedule(config)
+        if ctx.enabled:
+            refresher = distributed.AgreedRefresher(refresher, ctx)
     try:
         if refresher is not None and checkpoint is None:
             item_ids = torch.arange(1, split.n_items + 1, device=device)
@@ -427,13 +444,17 @@ def train(
         last_checkpoint: Path | None = None
         if checkpoint is not None:
             progress = _restore(checkpoint, model, optimizers, generators, refresher, schedule)
+            distributed.decorrelate(ctx, config.seed, progress.step, [sampler_generator])
             if monitor is not None and monitor.keep_built:
                 built = checkpoint["index"]["built"]
                 monitor.built = None if built is None else built.to(device)
             last_checkpoint = checkpoint_path
 
         # Everything above only reads; the run folder is created or changed from here on.
-        if checkpoint is None:
+        if not ctx.is_main:  # rank 0 owns the run folder; the others log beside it
+            distributed.barrier(ctx)
+            log = MetricsLog(distributed.rank_log_path(out, ctx))
+        elif checkpoint is None:
             out = prepare_run_dir(out, overwrite)
             dump_config(config, out / "config.yaml")
             log = MetricsLog(out / "metrics.jsonl")
@@ -444,10 +465,14 @@ def train(
                 logger.info("resuming with changed %s", ", ".join(changed))
                 dump_config(config, out / "config.yaml")
             logger.info("resuming %s from %s (step %d)", out, checkpoint_path.name, progress.step)
+        if ctx.is_main:
+            distributed.barrier(ctx)  # the folder is ready for the other ranks' logs
         del checkpoint  # the restored copies live on; free the loaded tensors
 
         def save(order_state: torch.Tensor) -> Path:
             """A full-state checkpoint; ``order_state`` redraws the current epoch's batches."""
+            if not ctx.is_main:
+                return None
             bad = _nonfinite_parameters(model)
             if bad:
                 raise NumericalError(
@@ -479,6 +504,7 @@ def train(
         step = progress.step
         k = config.sampler.num_negatives
         warmup = UniformSampler()
+        step_loss = distributed.step_function(ctx, model, _step_loss)  # DDP-wrapped under torchrun
         for epoch in range(progress.next_epoch, tc.epochs + 1):
             if progress.stopped:
                 break
@@ -488,6 +514,7 @@ def train(
             batches = make_batches(lengths, tc.batch_size, tc.bucket_by_length, order_generator)
             if tc.max_steps_per_epoch:
                 batches = batches[: tc.max_steps_per_epoch]
+            batches = distributed.shard_batches(ctx, batches)
             done, total_loss = progress.next_batch, progress.epoch_loss_sum
             elapsed = progress.epoch_elapsed
             bar = tqdm(
@@ -496,14 +523,13 @@ def train(
                 leave=False,
                 initial=done,
                 total=len(batches),
-                disable=not tc.show_progress,
+                disable=not tc.show_progress or not ctx.is_main,
             )
             for position, batch in enumerate(bar, start=done + 1):
                 width = int(lengths[batch].max())  # trim the all-padding left columns
                 seq = inputs[batch, -width:].to(device)
                 tgt = targets[batch, -width:].to(device)
-                loss = _step_loss(
-                    model,
+                loss = step_loss(
                     seq,
                     tgt,
                     prepared,
@@ -566,7 +592,12 @@ def train(
             if epoch % tc.eval_every and epoch != tc.epochs:
                 logger.info("epoch %d: loss %.4f (%.1f s)", epoch, mean_loss, seconds)
             else:
-                valid = evaluate_model(model, prepared, "valid", config, device)
+                valid = distributed.broadcast(
+                    ctx,
+                    evaluate_model(model, prepared, "valid", config, device)
+                    if ctx.is_main
+                    else None,
+                )
                 log.write(
                     step,
                     **{f"eval/valid/{key}": value for key, value in valid.items()},
@@ -583,7 +614,8 @@ def train(
                 if valid["ndcg@10"] > progress.best_ndcg:
                     progress.best_ndcg, progress.best_epoch = valid["ndcg@10"], epoch
                     progress.bad_evals = 0
-                    progress.best_digest = _save_best(model, out / "best.pt")
+                    if ctx.is_main:
+                        progress.best_digest = _save_best(model, out / "best.pt")
                 else:
                     progress.bad_evals += 1
                     if progress.bad_evals >= tc.patience:
@@ -608,6 +640,11 @@ def train(
         if refresher is not None:
             refresher.close()
 
+    if not ctx.is_main:  # rank 0 tests the best weights; the others take its results
+        log.close()
+        results = distributed.broadcast(ctx, None)
+        distributed.close(ctx)
+        return results
     model.load_state_dict(_load_best(out / "best.pt", progress.best_digest, device))
     valid = evaluate_model(model, prepared, "valid", config, device)
     test = evaluate_model(model, prepared, "test", config, device)
@@ -628,6 +665,8 @@ def train(
     # results.json (and at a million items three checkpoints hold gigabytes).
     shutil.rmtree(checkpoint_mod.checkpoint_folder(out), ignore_errors=True)
     logger.info("test: %s", ", ".join(f"{key} {value:.4f}" for key, value in test.items()))
+    distributed.broadcast(ctx, results)
+    distributed.close(ctx)
     return results
 
 
@@ -746,7 +785,7 @@ class StalenessMonitor:
     def __init__(
         self, model: SASRec, prepared: Prepared, config: RunConfig, sampler, device
     ) -> None:
-        from annsample.staleness import probe_exclusions
+        from annsample.staleness import BuiltSnapshots, probe_exclusions
 
         self.model, self.sampler, self.config = model, sampler, config
         ic = config.sampler.index
@@ -767,7 +806,18 @@ class StalenessMonitor:
         self.keep_built = (
             ic.refresh == "adaptive" or ic.probe_every > 0 or split.n_items <= 2_000_000
         )
-        self.built = _index_snapshot(model) if self.keep_built else None
+        self.snapshots = BuiltSnapshots(_index_snapshot(model) if self.keep_built else None)
+
+    @property
+    def built(self) -> torch.Tensor | None:
+        """The (N, d) table the published index was built from (None when drift is not kept)."""
+        return self.snapshots.built
+
+    @built.setter
+    def built(self, value: torch.Tensor | None) -> None:
+        from annsample.staleness import BuiltSnapshots
+
+        self.snapshots = BuiltSnapshots(value)
 
     def measure(self) -> dict[str, float]:
         from annsample.staleness import measure_staleness
@@ -784,6 +834,7 @@ class StalenessMonitor:
 
     def after_step(self, refresher, schedule, step: int, epoch_end: bool, log: MetricsLog) -> None:
         refresher.poll()  # a background failure surfaces here, in the training thread
+        self.snapshots.sync(refresher.current().version)  # an async refresh may have landed
         stats: dict[str, float] = {}
         due = schedule.needs_stats(step) or (self.probe_every and step % self.probe_every == 0)
         if due and not epoch_end:  # the epoch-end call repeats the epoch's last step
@@ -806,15 +857,32 @@ class StalenessMonitor:
             refresher.request(kind, snapshot, step)
             stats["index/request_seconds"] = time.perf_counter() - t0
             stats["index/refresh"] = kind
-            if self.keep_built:
-                self.built = snapshot
+            # built once published (at once when synchronous; a skipped async request never is)
+            self.snapshots.requested(step, snapshot)
+            self.snapshots.sync(refresher.current().version)
         if stats:
             log.write(step, **stats, **refresher.stats(step))
 
 
 def _step_loss(
-    model, seq, tgt, prepared, batch, config, sampler, warmup, k, step, generator, device
-):
+    model: SASRec,
+    seq: torch.Tensor,
+    tgt: torch.Tensor,
+    prepared: Prepared,
+    batch: torch.Tensor,
+    config: RunConfig,
+    sampler: Sampler | None,
+    warmup: Sampler,
+    k: int,
+    step: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> torch.Tensor:
+    """One batch's loss; the sampling and the sampled loss go through the public API.
+
+    ``seq``, ``tgt``: (B, T) int64 inputs and next items (0 = padding); ``batch``: (B,) rows of
+    ``prepared.train_inputs``; ``step``: steps done (the warmup sampler serves the first ones).
+    """
     h = model.encode(seq)  # (B, T, d)
     mask = tgt > 0
     h_pos = h[mask]  # (P, d) real positions only
@@ -827,27 +895,22 @@ def _step_loss(
     item_embeddings = model.item_embeddings
     if config.loss.name == "full_ce":
         return full_ce_loss(h_pos, item_embeddings, positives)
-    row = mask.nonzero()[:, 0]  # (P,) batch row of each position
-    users = prepared.train_users[batch.numpy()]
-    exclusions = batch_exclusions(
-        prepared, users, row, positives, config.sampler.exclude_history, device
-    )
+    histories = None
+    if config.sampler.exclude_history:
+        users = prepared.train_users[batch.numpy()]
+        rows = data_mod.pad_rows(prepared.history_indptr, prepared.history_items, users, 0)
+        histories = torch.as_tensor(rows, device=device)  # (B, H), 0 = padding
     active = warmup if step < config.sampler.warmup_steps else sampler
-    with torch.no_grad():
-        negatives = active.sample(
-            h_pos.detach(),
-            item_embeddings.detach(),
-            exclusions,
-            k,
-            generator,
-            sequence_queries=h[:, -1].detach(),
-        )
-    pos_logits = (h_pos * model.item_vectors(positives)).sum(dim=1)  # (P,)
-    neg_logits = torch.einsum("pd,pkd->pk", h_pos, model.item_vectors(negatives.ids))  # (P, k)
-    name = config.loss.name
-    if name == "bce":
-        return bce_loss(pos_logits, neg_logits)
-    if name == "gbce":
-        return gbce_loss(pos_logits, neg_logits, prepared.n_items, config.loss.gbce_t)
+    negatives = sample_negatives(active, h, tgt, item_embeddings, k, generator, histories)
+    pos_logits, neg_logits = sampled_logits(
+        h_pos, model.item_vectors(positives), model.item_vectors(negatives.ids)
+    )  # (P,), (P, k)
     log_q = negatives.log_q if config.loss.logq_correction else None
-    return sampled_softmax_loss(pos_logits, neg_logits, log_q)
+    return sampled_loss(
+        config.loss.name,
+        pos_logits,
+        neg_logits,
+        log_q,
+        n_items=prepared.n_items,
+        gbce_t=config.loss.gbce_t,
+    )

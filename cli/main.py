@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,9 +61,10 @@ def _check_writable(path: Path | None, flag: str) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
+    rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # set by torchrun
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {rank}%(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
     # faiss logs at INFO which CPU build it tried to load; only its warnings matter here
@@ -118,6 +120,14 @@ def main(verbose: bool) -> None:
     help="Train on a synthetic catalog of N items (e.g. 100k, 1M) instead of the config's dataset; "
     "from 100k items on, the ANN sampler and sparse embeddings are switched on (--set still wins).",
 )
+@click.option(
+    "--nproc",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Train on N processes with DDP (gloo on CPU, NCCL on GPUs), launched through torch's "
+    "elastic launcher; train.batch_size stays the global batch.",
+)
 @_user_errors
 def train(
     config_path: Path | None,
@@ -126,6 +136,7 @@ def train(
     overwrite: bool,
     resume_dir: Path | None,
     catalog_size: str | None,
+    nproc: int,
 ) -> None:
     """Train a model and write config, metrics, checkpoint and results into the run folder."""
     from annsample.config import catalog_overrides, load_config
@@ -145,15 +156,23 @@ def train(
             raise click.UsageError(
                 f"--resume continues RUN_DIR in place, on its own data; drop {', '.join(clashes)}"
             )
-        config = load_config(config_path or run_config_path(resume_dir), overrides)
+        # the run's own config.yaml lists every key: settings its sampler ignores are not errors
+        config = load_config(
+            config_path or run_config_path(resume_dir), overrides, check_ignored=bool(config_path)
+        )
+        if nproc > 1:
+            return _launch(nproc, config_path, overrides, resume_dir, resume=True)
         results = run_training(config, resume_dir, resume=True)
         out = resume_dir
     else:
-        if catalog_size is not None:
-            overrides = catalog_overrides(parse_size(catalog_size)) + tuple(overrides)
-        config = load_config(config_path, overrides)
+        preset = catalog_overrides(parse_size(catalog_size)) if catalog_size is not None else ()
+        config = load_config(config_path, tuple(overrides), preset=preset)
         out = out_dir or default_run_dir(config)
+        if nproc > 1:
+            return _launch(nproc, config_path, overrides, out, overwrite=overwrite)
         results = run_training(config, out, overwrite=overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return None  # under torchrun, rank 0 reports
     click.echo(f"run folder: {out}")
     click.echo(_format_metrics("test", results["test"]))
 
@@ -194,7 +213,105 @@ def report(run_dirs: tuple[Path, ...], stage: str) -> None:
     click.echo(results_table(list(run_dirs), stage), nl=False)
 
 
+@main.command("export")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--nlist", type=click.IntRange(min=1), default=None, help="IVF lists (default ~sqrt(N))."
+)
+@click.option(
+    "--nprobe",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Lists probed per query when serving.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR.")
+@_user_errors
+def export_command(
+    run_dir: Path, out_dir: Path, nlist: int | None, nprobe: int | None, overwrite: bool
+) -> None:
+    """Write a finished run's model, item embeddings, FAISS index and manifest for serving."""
+    from annsample.export import export_run
+
+    manifest = export_run(run_dir, out_dir, nlist=nlist, nprobe=nprobe, overwrite=overwrite)
+    index = manifest["index"]
+    click.echo(
+        f"export folder: {out_dir} ({manifest['n_items']} items, nlist {index['nlist']}, "
+        f"nprobe {index['nprobe']}, index recall@10 {index['recall@10']:.3f})"
+    )
+
+
 @main.command()
+@click.argument("export_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--history",
+    required=True,
+    metavar="ID,ID,...",
+    help="The user's items, oldest first, comma-separated (e.g. 5,17,42).",
+)
+@click.option(
+    "-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="How many items."
+)
+@click.option(
+    "--nprobe", type=click.IntRange(min=1), default=None, help="Override the index's nprobe."
+)
+@click.option("--scores", "with_scores", is_flag=True, help="Print 'id score' lines instead.")
+@click.option(
+    "--threads",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="torch and FAISS threads (one query gains nothing from more, and waits for busy cores).",
+)
+@_user_errors
+def recommend(
+    export_dir: Path, history: str, k: int, nprobe: int | None, with_scores: bool, threads: int
+) -> None:
+    """Print the top-k item ids for a history (history items excluded) from an export folder."""
+    import time
+
+    import faiss
+    import torch
+
+    from annsample.export import Recommender, parse_history
+
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    start = time.perf_counter()
+    recommender = Recommender.load(export_dir)
+    loaded = time.perf_counter()
+    if nprobe is not None:
+        recommender.nprobe = nprobe
+    result = recommender.recommend(parse_history(history, recommender.labels is not None), k)
+    done = time.perf_counter()
+    logging.getLogger(__name__).info(
+        "loaded in %.0f ms, recommended in %.1f ms", 1e3 * (loaded - start), 1e3 * (done - loaded)
+    )
+    if with_scores:
+        for item, score in zip(result.ids, result.scores.tolist(), strict=True):
+            click.echo(f"{item} {score:.4f}")
+    else:
+        click.echo(" ".join(map(str, result.ids)))
+
+
+class _DefaultRunGroup(click.Group):
+    """A group that runs its ``run`` subcommand when the first argument names no subcommand, so
+    ``annsample ablate --config ... --grid ...`` and ``annsample ablate report DIR`` both work."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ("-h", "--help")):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_DefaultRunGroup)
+def ablate() -> None:
+    """Ablation grids (e.g. refresh frequency): `annsample ablate [run] --config FILE --grid
+    KEY=V1,V2 --out DIR` trains every combination; `annsample ablate report DIR` rebuilds the
+    tables and plots from the finished runs."""
+
+
+@ablate.command("run")
 @click.option(
     "--config",
     "config_path",
@@ -207,7 +324,21 @@ def report(run_dirs: tuple[Path, ...], stage: str) -> None:
     multiple=True,
     required=True,
     metavar="KEY=V1,V2,...",
-    help="A config key and the values to try (repeatable: every combination is run).",
+    help="A config key and the values to try (repeatable: every combination is run). "
+    "sampler.index.refresh_every also takes never, epoch and adaptive.",
+)
+@click.option(
+    "--seeds",
+    default=None,
+    metavar="S1,S2,...",
+    help="Run every combination once per seed, e.g. --seeds 0,1,2 (default: the config's seed).",
+)
+@click.option(
+    "--jobs",
+    default=1,
+    type=click.IntRange(min=1),
+    show_default=True,
+    help="Runs trained at once, each in its own process with cores/jobs torch threads.",
 )
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Overrides for every run."
@@ -215,19 +346,55 @@ def report(run_dirs: tuple[Path, ...], stage: str) -> None:
 @click.option(
     "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the runs."
 )
-@click.option("--overwrite", is_flag=True, help="Replace existing run folders.")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Train every run from scratch (default: skip finished runs, resume interrupted ones).",
+)
 @_user_errors
-def ablate(
+def ablate_run(
     config_path: Path | None,
     grid: tuple[str, ...],
+    seeds: str | None,
+    jobs: int,
     overrides: tuple[str, ...],
     out_dir: Path,
     overwrite: bool,
 ) -> None:
-    """Train one run per combination of the grid (e.g. refresh frequency) and print the table."""
-    from annsample.ablation import run_grid
+    """Train (or resume) one run per combination of the grid, then write results.csv,
+    results.json, summary.md and plots into --out; exits 1 if any run failed."""
+    from annsample.ablation import failures_text, outcomes_table, parse_seeds, run_ablation
+    from annsample.ablation_report import write_report
 
-    click.echo(run_grid(config_path, grid, out_dir, overrides, overwrite), nl=False)
+    outcomes = run_ablation(
+        config_path,
+        grid,
+        out_dir,
+        seeds=parse_seeds(seeds) if seeds is not None else None,
+        overrides=overrides,
+        jobs=jobs,
+        overwrite=overwrite,
+    )
+    click.echo(outcomes_table(outcomes), nl=False)
+    failed = failures_text(outcomes)
+    click.echo(failed, err=True, nl=False)
+    if any(o.state != "failed" for o in outcomes):
+        click.echo()
+        click.echo(write_report(out_dir), nl=False)
+        click.echo(f"tables and plots: {out_dir}")
+    if failed:
+        click.get_current_context().exit(1)
+
+
+@ablate.command("report")
+@click.argument("out_dir", type=click.Path(path_type=Path), metavar="DIR")
+@_user_errors
+def ablate_report(out_dir: Path) -> None:
+    """Rebuild results.csv, results.json, summary.md and the plots of an ablation folder from its
+    finished runs, and print the summary."""
+    from annsample.ablation_report import write_report
+
+    click.echo(write_report(out_dir), nl=False)
 
 
 @main.group()
@@ -531,6 +698,31 @@ def bench_index_command(
     click.echo(sweep_table(records), nl=False)
     if json_path is not None:
         json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+
+
+def _launch(
+    nproc: int,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    out: Path,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """``annsample train`` again on ``nproc`` ranks, with the run folder fixed here (a default
+    ``runs/<date>-<name>`` would differ between ranks started a second apart)."""
+    from annsample.distributed import launch, launched_world_size
+
+    if launched_world_size() > 1:
+        raise click.UsageError("--nproc is for launching; under torchrun, drop it")
+    argv = ["train"]
+    if config_path is not None:
+        argv += ["--config", str(config_path)]
+    for override in overrides:
+        argv += ["--set", override]
+    argv += ["--resume", str(out)] if resume else ["--out", str(out)]
+    if overwrite:
+        argv.append("--overwrite")
+    launch(nproc, argv, out)
 
 
 def _format_metrics(stage: str, metrics: dict[str, float]) -> str:

@@ -1,4 +1,4 @@
-"""Ablation grids and the sampler benchmark, end to end on the tiny config."""
+"""The sampler benchmark, end to end on the tiny config (ablation grids: test_ablation.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from annsample.ablation import parse_grid, run_grid
 from annsample.bench import bench_samplers
 from annsample.config import load_config
 from annsample.errors import ConfigError
@@ -16,29 +15,6 @@ from annsample.train import train
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
 FAST = ("train.epochs=1", "train.num_threads=1", f"data.path={ROOT / 'data' / 'tiny.txt'}")
-
-
-def test_parse_grid_rejects_malformed_axes():
-    assert parse_grid(("a.b=1, 2",)) == [("a.b", ["1", "2"])]
-    for text in ("a.b", "=1", "a="):
-        with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
-            parse_grid((text,))
-
-
-def test_grid_is_validated_before_any_run(tmp_path):
-    with pytest.raises(ConfigError, match="sampler.name"):
-        run_grid(TINY, ("sampler.name=uniform,nonsense",), tmp_path / "grid", FAST)
-    assert not (tmp_path / "grid").exists()
-
-
-def test_grid_runs_every_combination(tmp_path):
-    table = run_grid(TINY, ("sampler.name=uniform,popularity",), tmp_path / "grid", FAST)
-    rows = [line for line in table.splitlines() if line.startswith("| tiny-")]
-    assert [row.split("|")[1].strip() for row in rows] == [
-        "tiny-name=uniform",
-        "tiny-name=popularity",
-    ]
-    assert (tmp_path / "grid" / "name=popularity" / "results.json").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +28,8 @@ def tiny_run(tmp_path_factory):
         "sampler.epsilon=0.0",
         "sampler.tail_samples=0",
     )
-    train(load_config(TINY, overrides), out)
+    # a uniform run whose saved config carries the ann settings the bench builds its ann from
+    train(load_config(TINY, overrides, check_ignored=False), out)
     return out
 
 
@@ -149,3 +126,16 @@ def test_softmax_gap_vanishes_for_the_model_softmax_and_grows_with_a_poorer_prop
     uniform, flatter = gap(UniformSampler(), 32), gap(ExactSampler(alpha=0.5), 32)
     assert uniform < flatter < -1e-3  # Jensen: the sampled loss underrates the partition function
     assert gap(UniformSampler(), 512) > uniform  # more negatives, smaller gap
+
+
+def test_bench_stall_configs_load_at_a_million_items():
+    # --catalog-size sets a refresh interval; refresh=never must not carry it (ignored settings
+    # are errors), sync / async must
+    from annsample.bench_stall import stall_configs
+    from annsample.config import IndexConfig
+
+    configs = stall_configs(1_000_000, steps=400, refresh_every=100)
+    assert configs["never"].sampler.index.refresh == "never"
+    assert configs["never"].sampler.index.refresh_every == IndexConfig().refresh_every
+    assert configs["sync"].sampler.index.refresh_every == 100
+    assert configs["async"].sampler.index.asynchronous

@@ -263,7 +263,7 @@ def test_another_config_is_refused_naming_the_setting(tmp_path):
     changed["sampler"]["index"]["nlist"] = 8
     with pytest.raises(
         CheckpointError,
-        match=r"written with sampler\.index\.nlist=256 but the config now has "
+        match=r"written with sampler\.index\.nlist=0 but the config now has "
         r"sampler\.index\.nlist=8 \(and 1 more: train\.lr\)",
     ):
         ckpt.check_config(payload, changed, tmp_path / "step-1.pt")

@@ -79,7 +79,10 @@ def test_every_shipped_config_loads(path):
 
 def test_file_values_override_defaults(tmp_path):
     config = load_config(
-        write(tmp_path, "seed: 7\ntrain:\n  epochs: 3\nsampler:\n  index:\n    nlist: 32\n")
+        write(
+            tmp_path,
+            "seed: 7\ntrain:\n  epochs: 3\nsampler:\n  name: ann\n  index:\n    nlist: 32\n",
+        )
     )
     assert config.seed == 7
     assert config.train.epochs == 3
@@ -160,7 +163,8 @@ def test_choices_are_validated(tmp_path, key):
 @pytest.mark.parametrize("key", sorted(CHOICES))
 def test_every_choice_is_accepted(key):
     for choice in CHOICES[key]:
-        config = config_from_dict(nested(key, choice))
+        # choices alone: whether the chosen sampler reads the key is check_ignored's business
+        config = config_from_dict(nested(key, choice), check_ignored=False)
         node = config
         for part in key.split("."):
             node = getattr(node, part)
@@ -297,7 +301,7 @@ def test_malformed_override_is_an_error(text, message):
 
 
 def test_overrides_apply_typed_values_on_top_of_the_file(tmp_path):
-    path = write(tmp_path, "train:\n  epochs: 3\n  lr: 0.1\n")
+    path = write(tmp_path, "train:\n  epochs: 3\n  lr: 0.1\nsampler:\n  name: ann\n")
     config = load_config(path, ("train.lr=1e-3", "train.epochs=5", "sampler.index.nlist=64"))
     assert config.train.lr == 0.001
     assert isinstance(config.train.lr, float)
@@ -311,9 +315,9 @@ def test_later_override_wins():
 
 
 def test_overrides_do_not_touch_the_raw_mapping():
-    raw = {"train": {"epochs": 3}}
+    raw = {"train": {"epochs": 3}, "sampler": {"name": "ann"}}
     config_from_dict(raw, overrides=("train.epochs=9", "sampler.index.nlist=64"))
-    assert raw == {"train": {"epochs": 3}}
+    assert raw == {"train": {"epochs": 3}, "sampler": {"name": "ann"}}
 
 
 @pytest.mark.parametrize(
@@ -428,3 +432,142 @@ def test_any_text_gives_a_config_or_a_config_error(text):
             assert str(path) in str(error)
         else:
             assert isinstance(config, RunConfig)
+
+
+# --------------------------------------------------------------------------- ignored settings
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "ignored_by"),
+    [
+        ({"sampler": {"name": "uniform", "alpha": 2.0}}, "sampler.alpha", "sampler.name=uniform"),
+        ({"sampler": {"name": "popularity", "alpha": 2.0}}, "sampler.alpha", "popularity"),
+        ({"sampler": {"name": "dns", "alpha": 2.0}}, "sampler.alpha", "sampler.name=dns"),
+        ({"sampler": {"name": "exact", "beta": 0.5}}, "sampler.beta", "sampler.name=exact"),
+        ({"sampler": {"name": "ann", "pool_size": 50}}, "sampler.pool_size", "sampler.name=ann"),
+        ({"sampler": {"name": "exact", "candidates": 50}}, "sampler.candidates", "exact"),
+        ({"sampler": {"name": "pool", "epsilon": 0.2}}, "sampler.epsilon", "sampler.name=pool"),
+        ({"sampler": {"name": "exact", "tail_samples": 8}}, "sampler.tail_samples", "exact"),
+        ({"sampler": {"name": "uniform", "query": "sequence"}}, "sampler.query", "uniform"),
+        ({"sampler": {"name": "uniform", "warmup_steps": 5}}, "sampler.warmup_steps", "uniform"),
+        ({"sampler": {"name": "exact", "index": {"nlist": 8}}}, "sampler.index.nlist", "exact"),
+        ({"sampler": {"index": {"metric": "ip"}}}, "sampler.index.metric", "sampler.name=uniform"),
+        (
+            {"sampler": {"name": "pool", "index": {"refresh": "never"}}},
+            "sampler.index.refresh",
+            "pool",
+        ),
+        (
+            {"sampler": {"name": "ann", "index": {"refresh": "epoch", "refresh_every": 3}}},
+            "sampler.index.refresh_every",
+            "sampler.index.refresh=epoch",
+        ),
+        (
+            {"sampler": {"name": "ann", "index": {"refresh": "never", "retrain_every": 3}}},
+            "sampler.index.retrain_every",
+            "sampler.index.refresh=never",
+        ),
+        (
+            {"sampler": {"name": "ann", "index": {"refresh": "never", "asynchronous": True}}},
+            "sampler.index.asynchronous",
+            "sampler.index.refresh=never",
+        ),
+        (
+            {"sampler": {"name": "ann", "index": {"drift_threshold": 0.2}}},
+            "sampler.index.drift_threshold",
+            "sampler.index.refresh=steps",
+        ),
+        (
+            {"sampler": {"name": "ann", "index": {"recall_threshold": 0.5}}},
+            "sampler.index.recall_threshold",
+            "sampler.index.refresh=steps",
+        ),
+        (
+            {"sampler": {"name": "ann", "index": {"check_every": 7}}},
+            "sampler.index.check_every",
+            "sampler.index.refresh=steps",
+        ),
+        ({"loss": {"name": "bce", "logq_correction": False}}, "loss.logq_correction", "bce"),
+        ({"loss": {"name": "gbce", "logq_correction": False}}, "loss.logq_correction", "gbce"),
+        ({"loss": {"name": "bce", "gbce_t": 0.5}}, "loss.gbce_t", "loss.name=bce"),
+        (
+            {"loss": {"name": "full_ce"}, "sampler": {"num_negatives": 8}},
+            "sampler.num_negatives",
+            "loss.name=full_ce",
+        ),
+        (
+            {"loss": {"name": "full_ce"}, "sampler": {"name": "ann"}},
+            "sampler.name",
+            "loss.name=full_ce",
+        ),
+    ],
+)
+def test_a_setting_the_sampler_or_loss_ignores_is_an_error(settings, key, ignored_by):
+    with pytest.raises(ConfigError, match=f"my.yaml: {re.escape(key)} is set but .*{ignored_by}"):
+        config_from_dict(settings, "my.yaml")
+    # the same setting with a sampler / loss / schedule that reads it loads
+    config_from_dict(settings, "my.yaml", check_ignored=False)
+
+
+@pytest.mark.parametrize("sampler", ["dns", "pool"])
+def test_sampled_softmax_with_a_conditional_log_q_says_what_to_use_instead(sampler):
+    raw = {"sampler": {"name": sampler}, "loss": {"name": "sampled_softmax"}}
+    with pytest.raises(ConfigError, match=f"sampler.name={sampler} is wrong.*Use sampler.name=ann"):
+        config_from_dict(raw, "my.yaml")
+
+
+@pytest.mark.parametrize("sampler", ["uniform", "popularity", "exact", "ann"])
+def test_sampled_softmax_with_an_exact_log_q_sampler_loads(sampler):
+    raw = {"sampler": {"name": sampler}, "loss": {"name": "sampled_softmax"}}
+    assert config_from_dict(raw).loss.name == "sampled_softmax"
+
+
+def test_settings_read_by_the_chosen_sampler_load():
+    config = config_from_dict(
+        {
+            "sampler": {
+                "name": "ann",
+                "alpha": 0.5,
+                "candidates": 100,
+                "epsilon": 0.1,
+                "tail_samples": 64,
+                "query": "sequence",
+                "warmup_steps": 10,
+                "index": {"refresh": "adaptive", "drift_threshold": 0.1, "check_every": 20},
+            },
+            "loss": {"name": "sampled_softmax", "logq_correction": False},
+        }
+    )
+    assert config.sampler.index.check_every == 20 and not config.loss.logq_correction
+
+
+def test_a_saved_run_config_with_every_key_loads_without_the_check(tmp_path):
+    # A run folder's config.yaml lists every key; an older run holds older defaults.
+    raw = config_to_dict(config_from_dict({}))
+    raw["sampler"]["tail_samples"] = 0
+    raw["sampler"]["index"]["nlist"] = 256
+    path = write(tmp_path, yaml.safe_dump(raw), "config.yaml")
+    with pytest.raises(ConfigError, match="sampler.tail_samples is set"):
+        load_config(path)
+    assert load_config(path, check_ignored=False).sampler.index.nlist == 256
+
+
+def test_index_size_zero_means_the_catalog_rule_and_negative_is_an_error():
+    config = config_from_dict({"sampler": {"name": "ann"}})
+    assert config.sampler.index.nlist == 0 and config.sampler.index.nprobe == 0
+    with pytest.raises(ConfigError, match="sampler.index.nlist must be >= 0"):
+        config_from_dict({"sampler": {"name": "ann", "index": {"nlist": -1}}})
+
+
+@pytest.mark.parametrize(
+    "user", [("sampler.name=uniform",), ("sampler.index.refresh=never",), ("sampler.name=exact",)]
+)
+def test_catalog_size_preset_counts_as_defaults_for_the_ignored_settings_check(user):
+    from annsample.config import catalog_overrides
+
+    preset = catalog_overrides(1_000_000)  # sets ann-only keys and a refresh interval
+    config = load_config(None, user, preset=preset)
+    assert config.data.synthetic_items == 1_000_000
+    # as plain overrides the same keys are settings the chosen sampler / schedule ignores
+    with pytest.raises(ConfigError, match="is set but"):
+        load_config(None, preset + user)

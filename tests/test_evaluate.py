@@ -10,6 +10,7 @@ import torch
 
 from annsample.evaluate import (
     KS,
+    Ranks,
     evaluate_ranking,
     hit_rate,
     metrics_from_ranks,
@@ -64,10 +65,11 @@ def test_metrics_accept_lists_and_torch_ranks():
 # --------------------------------------------------------------------------- rank_targets
 
 
-def brute_force_ranks(h, item_embeddings, targets, history) -> torch.Tensor:
-    """Dense reference in float64: count allowed items scoring strictly above the target."""
+def brute_force_counts(h, item_embeddings, targets, history) -> Ranks:
+    """Dense reference in float64: allowed items scoring strictly above the target, and exactly
+    tied with it (the target itself not counted)."""
     scores = h.double() @ item_embeddings.double().T  # (C, N+1)
-    ranks = []
+    higher, ties = [], []
     for c in range(h.shape[0]):
         target = int(targets[c])
         allowed = torch.ones(item_embeddings.shape[0], dtype=torch.bool)
@@ -76,8 +78,13 @@ def brute_force_ranks(h, item_embeddings, targets, history) -> torch.Tensor:
             if 1 <= item < item_embeddings.shape[0] and item != target:
                 allowed[item] = False
         allowed[target] = False  # the target does not outrank itself
-        ranks.append(int((scores[c][allowed] > scores[c, target]).sum()))
-    return torch.tensor(ranks)
+        higher.append(int((scores[c][allowed] > scores[c, target]).sum()))
+        ties.append(int((scores[c][allowed] == scores[c, target]).sum()))
+    return Ranks(torch.tensor(higher), torch.tensor(ties))
+
+
+def same_counts(found: Ranks, expected: Ranks) -> bool:
+    return torch.equal(found.higher, expected.higher) and torch.equal(found.ties, expected.ties)
 
 
 def integer_problem(seed: int, C: int = 17, N: int = 40, d: int = 3, H: int = 6):
@@ -97,15 +104,16 @@ def integer_problem(seed: int, C: int = 17, N: int = 40, d: int = 3, H: int = 6)
 @pytest.mark.parametrize("seed", range(5))
 def test_rank_targets_matches_brute_force(seed):
     h, items, targets, history = integer_problem(seed)
-    expected = brute_force_ranks(h, items, targets, history)
-    assert torch.equal(rank_targets(h, items, targets, history), expected)
+    expected = brute_force_counts(h, items, targets, history)
+    assert int(expected.ties.sum()) > 0  # the problem does exercise ties
+    assert same_counts(rank_targets(h, items, targets, history), expected)
 
 
 @pytest.mark.parametrize("item_chunk", [1, 2, 7, 39, 40, 41, 1 << 16])
 def test_rank_targets_is_item_chunk_invariant(item_chunk):
     h, items, targets, history = integer_problem(seed=11)
-    expected = brute_force_ranks(h, items, targets, history)
-    assert torch.equal(rank_targets(h, items, targets, history, item_chunk=item_chunk), expected)
+    expected = brute_force_counts(h, items, targets, history)
+    assert same_counts(rank_targets(h, items, targets, history, item_chunk=item_chunk), expected)
 
 
 def test_rank_targets_random_float_embeddings_match_brute_force():
@@ -115,9 +123,9 @@ def test_rank_targets_random_float_embeddings_match_brute_force():
     items = torch.randn(N + 1, d, generator=generator)
     targets = torch.randint(1, N + 1, (C,), generator=generator)
     history = torch.randint(0, N + 2, (C, 30), generator=generator)
-    expected = brute_force_ranks(h, items, targets, history)
+    expected = brute_force_counts(h, items, targets, history)
     for item_chunk in (64, 1 << 16):
-        assert torch.equal(
+        assert same_counts(
             rank_targets(h, items, targets, history, item_chunk=item_chunk), expected
         )
 
@@ -126,25 +134,65 @@ def test_history_is_masked_but_the_target_never_is():
     h = torch.tensor([[1.0, 0.0]])
     items = torch.tensor([[9.0, 0.0], [4.0, 0.0], [3.0, 0.0], [2.0, 0.0], [1.0, 0.0]])
     target = torch.tensor([3])  # score 2; items 1 and 2 score higher
-    assert rank_targets(h, items, target, torch.tensor([[0]])).item() == 2
-    assert rank_targets(h, items, target, torch.tensor([[1, 0]])).item() == 1
-    assert rank_targets(h, items, target, torch.tensor([[1, 2]])).item() == 0
+    assert rank_targets(h, items, target, torch.tensor([[0]])).higher.item() == 2
+    assert rank_targets(h, items, target, torch.tensor([[1, 0]])).higher.item() == 1
+    assert rank_targets(h, items, target, torch.tensor([[1, 2]])).higher.item() == 0
     # the target in its own history stays rankable; the other history item is still masked
-    assert rank_targets(h, items, target, torch.tensor([[3, 1]])).item() == 1
+    assert rank_targets(h, items, target, torch.tensor([[3, 1]])).higher.item() == 1
 
 
 def test_padding_row_is_never_ranked():
     h = torch.tensor([[1.0]])
     items = torch.tensor([[100.0], [1.0], [2.0]])
-    assert rank_targets(h, items, torch.tensor([2]), torch.tensor([[0]])).item() == 0
+    counts = rank_targets(h, items, torch.tensor([2]), torch.tensor([[0]]))
+    assert (counts.higher.item(), counts.ties.item()) == (0, 0)
 
 
-def test_ties_count_as_not_higher():
+def test_ties_are_counted_apart_from_higher_items():
     h = torch.tensor([[1.0, 1.0]])
     items = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0], [0.0, 2.0], [3.0, 0.0]])
-    # every item scores 2 except item 4 (3): only item 4 outranks target 1
+    # items 1-3 score 2, item 4 scores 3: one item above each of targets 1-3, two tied with it
     for target in (1, 2, 3):
-        assert rank_targets(h, items, torch.tensor([target]), torch.tensor([[0]])).item() == 1
+        counts = rank_targets(h, items, torch.tensor([target]), torch.tensor([[0]]))
+        assert (counts.higher.item(), counts.ties.item()) == (1, 2)
+
+
+def test_tied_targets_get_expected_metrics_under_random_tie_breaking():
+    ranks = Ranks(np.array([1]), np.array([2]))  # uniform rank in {1, 2, 3}
+    assert hit_rate(ranks, 1) == 0.0
+    assert hit_rate(ranks, 2) == pytest.approx(1 / 3)
+    assert hit_rate(ranks, 3) == pytest.approx(2 / 3)
+    assert hit_rate(ranks, 4) == 1.0
+    gains = [1 / math.log2(r + 2) for r in (1, 2, 3)]
+    assert ndcg(ranks, 3) == pytest.approx(sum(gains[:2]) / 3)
+    assert ndcg(ranks, 10) == pytest.approx(sum(gains) / 3)
+    assert ranks.expected.tolist() == [2.0]
+    # without ties the expectation is the plain metric
+    assert metrics_from_ranks(Ranks(RANKS, np.zeros_like(RANKS))) == metrics_from_ranks(RANKS)
+
+
+def test_all_equal_scores_rank_at_chance():
+    """A model that scores every item the same must get HR@k = k / n_allowed, not 1."""
+    N, C = 1000, 50
+    generator = torch.Generator().manual_seed(0)
+    h = torch.zeros(C, 8)
+    items = torch.randn(N + 1, 8, generator=generator)
+    targets = torch.randint(1, N + 1, (C,), generator=generator)
+    history = torch.randint(1, N + 1, (C, 20), generator=generator)
+    counts = rank_targets(h, items, targets, history)
+    n_allowed = np.array(
+        [
+            len(set(range(1, N + 1)) - (set(history[c].tolist()) - {int(targets[c])}))
+            for c in range(C)
+        ]
+    )
+    assert (counts.higher == 0).all()
+    assert counts.ties.numpy().tolist() == (n_allowed - 1).tolist()
+    metrics = metrics_from_ranks(Ranks(counts.higher.numpy(), counts.ties.numpy()))
+    for k in KS:
+        assert metrics[f"hr@{k}"] == pytest.approx(float(np.mean(k / n_allowed)))
+    # NDCG@10 of a random rank among ~980 items is about 0.0045, far from 1
+    assert metrics["ndcg@10"] < 0.01
 
 
 def test_items_with_the_targets_embedding_do_not_outrank_it():
@@ -155,8 +203,10 @@ def test_items_with_the_targets_embedding_do_not_outrank_it():
     items[5:100] = items[3]  # 95 exact copies of the target's embedding
     targets = torch.full((C,), 3)
     history = torch.zeros(C, 1, dtype=torch.int64)
-    expected = brute_force_ranks(h, items, targets, history)  # copies tie exactly in float64
-    assert torch.equal(rank_targets(h, items, targets, history), expected)
+    expected = brute_force_counts(h, items, targets, history)  # copies tie exactly in float64
+    counts = rank_targets(h, items, targets, history)
+    assert same_counts(counts, expected)
+    assert (counts.ties == 95).all()  # the copies are ties, neither above nor below the target
 
 
 def test_rank_targets_does_not_modify_its_inputs():
@@ -221,8 +271,10 @@ def test_evaluate_ranking_matches_brute_force(ranking_problem, batch_size):
     for u in range(len(targets)):
         row = items[indptr[u] : indptr[u + 1]]
         history[u, : len(row)] = torch.as_tensor(row)
-    expected = brute_force_ranks(h, item_embeddings, torch.as_tensor(targets), history)
-    assert ranks.tolist() == expected.tolist()  # in the users' original order
+    expected = brute_force_counts(h, item_embeddings, torch.as_tensor(targets), history)
+    # in the users' original order
+    assert ranks.higher.tolist() == expected.higher.tolist()
+    assert ranks.ties.tolist() == expected.ties.tolist()
     assert metrics == metrics_from_ranks(ranks)
     assert len(encoder.widths) == math.ceil(len(targets) / batch_size)
     assert max(encoder.widths) <= inputs.shape[1]
@@ -242,4 +294,25 @@ def test_evaluate_ranking_custom_ks(ranking_problem):
         SumEncoder(table), item_embeddings, inputs, targets, indptr, items, ks=(1, 3)
     )
     assert metrics == metrics_from_ranks(ranks, ks=(1, 3))
-    assert ranks.dtype == np.int64 and ranks.shape == targets.shape
+    assert ranks.higher.dtype == np.int64 and ranks.higher.shape == targets.shape
+    assert ranks.ties.dtype == np.int64 and ranks.ties.shape == targets.shape
+
+
+def test_untrained_all_equal_model_scores_at_chance_end_to_end(tmp_path):
+    """The review's reproduction: zero-initialised SASRec, no real update, full `train` pipeline."""
+    from annsample import data as data_mod
+    from annsample.config import load_config
+    from annsample.train import prepare_data, train
+
+    config = load_config(
+        "configs/tiny.yaml",
+        ("model.init_std=0", "train.lr=1e-12", "train.epochs=1", "train.num_threads=1"),
+    )
+    results = train(config, tmp_path / "run")
+    split = prepare_data(config).split
+    indptr, _ = data_mod.history_csr(split, "test")
+    # distinct masked items per user; the target is never masked
+    n_allowed = split.n_items - np.diff(indptr)
+    chance = float(np.mean(10 / n_allowed))
+    assert results["test"]["hr@10"] == pytest.approx(chance, rel=0.05)
+    assert results["test"]["ndcg@10"] < 2 * chance

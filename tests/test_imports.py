@@ -81,7 +81,7 @@ def test_library_never_imports_the_cli(path):
     assert offending(path, ("cli", "annsample.cli")) == []
 
 
-@pytest.mark.parametrize("name", ["index.py", "samplers.py"])
+@pytest.mark.parametrize("name", ["index.py", "samplers.py", "torch_ivf.py", "exact_gumbel.py"])
 def test_index_and_samplers_take_tensors_not_models(name):
     """They get hidden states and the item table, never an nn.Module or the training loop."""
     forbidden = ("annsample.model", "annsample.train", "torch.nn")
@@ -94,3 +94,8 @@ def test_samplers_never_import_training():
 
 def test_index_never_imports_samplers():
     assert offending(LIBRARY / "index.py", ("annsample.samplers",)) == []
+
+
+def test_torch_ivf_needs_neither_faiss_nor_the_index():
+    """The pure-torch IVF runs where faiss cannot be installed (a CUDA 13 box): torch only."""
+    assert offending(LIBRARY / "torch_ivf.py", ("faiss", "annsample.index", "numpy")) == []

@@ -184,6 +184,44 @@ def test_re_add_follows_moved_embeddings(mixture, queries):
     assert torch.equal(index.search(queries, 5)[1], exact_topk(queries, moved, 5)[1])
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2_augmented", "cosine"])
+@pytest.mark.parametrize("drift", [0.2, 0.5])
+def test_re_add_on_drifting_embeddings_never_does_worse_than_no_refresh(metric, drift, queries):
+    # Every row moves by noise of `drift` times its norm and a few rows grow (popular items do):
+    # under l2_augmented a re-add that recomputed M moved every row's extra coordinate away from
+    # the centroids', and one list swallowed most rows (recall below the stale index's).
+    xb = gaussian_mixture(6000, seed=3)
+    g = torch.Generator().manual_seed(11)
+    moved = xb + drift * xb.norm(dim=1, keepdim=True) / D_MODEL**0.5 * torch.randn(
+        xb.shape, generator=g
+    )
+    moved[:12] *= 1 + 3 * drift
+    _, I_moved = exact_topk(queries, moved, 50)
+    index = faiss_index(metric, nlist=48, nprobe=4).build(xb)
+    largest_built = int(index.list_sizes().max())
+    stale = recall_at_k(index.search(queries, 50)[1], I_moved)
+    index.re_add(moved, step=1)
+    refreshed = recall_at_k(index.search(queries, 50)[1], I_moved)
+    assert refreshed >= stale, (stale, refreshed)
+    assert int(index.list_sizes().max()) <= 2 * largest_built
+
+
+def test_l2_augmented_re_add_keeps_the_centroids_augmentation_and_retrain_renews_it(queries):
+    xb = gaussian_mixture(4000, seed=3)
+    index = faiss_index("l2_augmented", nlist=32, nprobe=32).build(xb)
+    built_norm = index.state_dict(with_vectors=False)["max_norm"]
+    assert built_norm == pytest.approx(float(xb.norm(dim=1).max()), rel=1e-5)
+    grown = xb * 2.0
+    index.re_add(grown, step=1)
+    assert index.state_dict(with_vectors=False)["max_norm"] == built_norm
+    # nprobe == nlist: still exact, whatever M is (rows past M just get extra coordinate 0)
+    assert torch.equal(index.search(queries, 10)[1], exact_topk(queries, grown, 10)[1])
+    index.retrain(grown, step=2)
+    assert index.state_dict(with_vectors=False)["max_norm"] == pytest.approx(
+        2 * built_norm, rel=1e-5
+    )
+
+
 def test_retrain_changes_centroids_and_keeps_recall(mixture, queries):
     index = faiss_index(nprobe=4).build(mixture)
     _, I_exact = exact_topk(queries, mixture, 20)
@@ -477,6 +515,29 @@ def test_index_never_imports_the_model_or_training():
         if isinstance(node, ast.Import)
         for alias in node.names
     } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    # annsample.torch_ivf is torch only (tests/test_imports.py checks it imports no model either)
     assert {name for name in imported if name and name.startswith("annsample")} == {
-        "annsample.errors"
+        "annsample.errors",
+        "annsample.torch_ivf",
     }
+
+
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(1, 10**8))
+def test_default_nlist_and_nprobe_follow_one_rule(n):
+    nlist = index_module.default_nlist(n)
+    assert 1 <= nlist <= max(1, n // index_module.MIN_POINTS_PER_CENTROID)
+    assert nlist == 1 or abs(nlist - n**0.5) <= 0.5 or nlist == n // 39
+    nprobe = index_module.default_nprobe(nlist)
+    assert 1 <= nprobe <= nlist and nprobe * 8 >= nlist
+    assert index_module.resolve_nlist_nprobe(0, 0, n) == (nlist, nprobe)
+
+
+def test_nlist_errors_point_at_the_default_rule(mixture):
+    rule = index_module.default_nlist(100)
+    with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule} "):
+        index_module.resolve_nlist_nprobe(500, 0, 100)
+    with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule}:"):
+        faiss_index(nlist=500).build(mixture[:100])
+    with pytest.raises(ItemIndexError, match=r"default_nprobe\(nlist\) = 2 "):
+        index_module.resolve_nlist_nprobe(16, 32, 100)

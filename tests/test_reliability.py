@@ -178,6 +178,8 @@ CASES = [
     data_case("table-csv", "a field past the CSV size limit", b"user,item,timestamp\n1,2,3\n" + b'"' + b"x" * 140_000 + b'",2,3\n', "cannot parse the row", "t.csv"),
     # --- index settings the catalog cannot satisfy
     Case("index-nlist", "`sampler.index.nlist` > items", **train_with("sampler.name=ann", "sampler.index.nlist=5000"), expect="nlist=5000 is larger than the number of items N=3354"),
+    Case("ignored-setting", "a setting the sampler ignores", **train_with("sampler.tail_samples=64"), expect="sampler.tail_samples is set but sampler.name=uniform ignores it"),
+    Case("ssm-dns", "`sampled_softmax` with `dns`", **train_with("sampler.name=dns", "loss.name=sampled_softmax"), expect="loss.name=sampled_softmax with sampler.name=dns is wrong"),
     Case("index-candidates", "`sampler.candidates` > items", **train_with("sampler.name=ann", "sampler.index.nlist=16", "sampler.index.nprobe=4", "sampler.candidates=5000"), expect="sampler.candidates=5000 is more than the catalog's 3354 items"),
     # --- run folders
     Case("out-file", "`--out` is a file", **train_with(files={"run": b"x"}), expect="exists and is not a folder"),

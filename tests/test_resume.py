@@ -320,6 +320,16 @@ VARIANTS = {
         "sampler.index.check_every=3",
         "sampler.index.retrain_every=2",
     ),
+    # the pure-torch IVF's lists and centroids, re-added and retrained across the interruption
+    "ann-torch-ivf": (
+        "sampler.name=ann",
+        "sampler.index.backend=torch_ivf",
+        "sampler.index.nlist=16",
+        "sampler.index.nprobe=4",
+        "sampler.candidates=50",
+        "sampler.index.refresh_every=3",
+        "sampler.index.retrain_every=2",
+    ),
 }
 
 

@@ -1,0 +1,361 @@
+"""Ablation grids: expansion, parallel runs, resume, failure isolation, and the rebuilt report.
+
+Most tests inject a stub runner (tests/ablation_stubs.py: a light module, since every worker process
+imports it) that writes a finished run folder in milliseconds, its metrics a known function of its
+settings; one end-to-end test trains two tiny real runs through the CLI.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ablation_stubs import dying_runner, fake_ndcg, stub_runner
+from click.testing import CliRunner
+
+from annsample import ablation
+from annsample.ablation import (
+    axis_settings,
+    default_threads,
+    parse_grid,
+    parse_seeds,
+    plan_runs,
+    run_ablation,
+)
+from annsample.ablation_report import collect_rows, refresh_interval, summary_markdown
+from annsample.checkpoint import flatten
+from annsample.cli.main import main
+from annsample.config import RunConfig, config_to_dict
+from annsample.errors import ConfigError, RunError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+ANN = (
+    f"data.path={ROOT / 'data' / 'tiny.txt'}",
+    "sampler.name=ann",
+    "sampler.index.nlist=16",
+    "sampler.index.nprobe=4",
+)
+REFRESH = "sampler.index.refresh_every"
+PLOTS = ("quality.png", "wall_time.png", "staleness.png")
+
+
+class Recorder:
+    """A runner that records its calls (jobs=1 only: it is not sent to a process)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, bool, bool]] = []
+
+    def __call__(self, config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> None:
+        self.calls.append((run_dir.name, resume, overwrite))
+        stub_runner(config, run_dir, resume, overwrite)
+
+
+def test_parse_grid_rejects_malformed_axes():
+    assert parse_grid(("a.b=1, 2",)) == [("a.b", ["1", "2"])]
+    for text in ("a.b", "=1", "a=", "a=, ,"):
+        with pytest.raises(ConfigError, match="expected KEY=V1,V2"):
+            parse_grid((text,))
+    with pytest.raises(ConfigError, match="more than once"):
+        parse_grid(("train.lr=1,2", "train.lr=3"))
+    with pytest.raises(ConfigError, match="use one axis"):
+        parse_grid((f"{REFRESH}=1,10", "sampler.index.refresh=never"))
+
+
+def test_parse_seeds():
+    assert parse_seeds("2,0, 1") == [2, 0, 1]
+    for text in ("0,a", "", "1,1"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(text)
+
+
+def test_refresh_words_map_to_the_schedule():
+    assert axis_settings(REFRESH, "epoch") == ("sampler.index.refresh=epoch",)
+    assert axis_settings(REFRESH, "25") == ("sampler.index.refresh=steps", f"{REFRESH}=25")
+    assert axis_settings("sampler.index.asynchronous", "true") == (
+        "sampler.index.asynchronous=true",
+    )
+
+
+def test_grid_expands_every_combination_times_every_seed():
+    plans = plan_runs(
+        TINY,
+        (f"{REFRESH}=1,epoch,never", "sampler.index.asynchronous=false,true"),
+        seeds=[0, 1],
+        overrides=ANN,
+        threads=3,
+    )
+    assert len(plans) == 3 * 2 * 2
+    assert len({plan.label for plan in plans}) == len(plans)
+    first = plans[0]
+    assert first.label == "refresh_every=1_asynchronous=false_seed=0"
+    assert first.config.name == "tiny-refresh_every=1_asynchronous=false"  # seeds share a name
+    schedules = {
+        (p.config.sampler.index.refresh, p.config.sampler.index.refresh_every)
+        for p in plans
+        if p.config.sampler.index.refresh != "steps"
+    }
+    assert {kind for kind, _ in schedules} == {"epoch", "never"}
+    assert {(p.config.seed, p.config.sampler.index.asynchronous) for p in plans} == {
+        (s, a) for s in (0, 1) for a in (False, True)
+    }
+    assert {p.config.train.num_threads for p in plans} == {3}
+    assert not any(p.config.train.show_progress for p in plans)
+    # a thread count the user fixed is kept
+    (fixed,) = plan_runs(TINY, ("train.lr=0.01",), overrides=("train.num_threads=2",), threads=5)
+    assert (fixed.label, fixed.config.train.num_threads) == ("lr=0.01", 2)
+
+
+def test_axes_sharing_a_last_key_part_get_full_names():
+    plans = plan_runs(TINY, ("sampler.name=uniform", "loss.name=bce"))
+    assert plans[0].label == "sampler.name=uniform_loss.name=bce"
+
+
+def test_grid_refuses_seed_axes_and_bad_values_before_any_run(tmp_path):
+    with pytest.raises(ConfigError, match="--seeds"):
+        run_ablation(TINY, ("seed=0,1",), tmp_path / "grid", runner=stub_runner)
+    with pytest.raises(ConfigError, match="sampler.name"):
+        run_ablation(
+            TINY, ("sampler.name=uniform,nonsense",), tmp_path / "grid", runner=stub_runner
+        )
+    with pytest.raises(ConfigError, match="--jobs"):
+        run_ablation(TINY, ("train.lr=0.1",), tmp_path / "grid", jobs=0, runner=stub_runner)
+    assert not (tmp_path / "grid").exists()
+
+
+def test_default_threads_share_the_cores():
+    cores = len(os.sched_getaffinity(0))
+    assert default_threads(1) == cores
+    assert default_threads(cores) == 1
+    assert default_threads(4 * cores) == 1
+
+
+def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
+    out = tmp_path / "grid"
+    grid = (f"{REFRESH}=1,10,never",)
+    first = run_ablation(TINY, grid, out, overrides=ANN, runner=stub_runner, show_progress=False)
+    assert [o.state for o in first] == ["finished"] * 3
+    # interrupt two runs: one after a checkpoint, one before its first checkpoint
+    (out / "refresh_every=10" / "results.json").unlink()
+    (out / "refresh_every=10" / "checkpoints").mkdir()
+    (out / "refresh_every=10" / "checkpoints" / "step-00000020.pt").write_bytes(b"x")
+    (out / "refresh_every=never" / "results.json").unlink()
+    recorder = Recorder()
+    second = run_ablation(TINY, grid, out, overrides=ANN, runner=recorder, show_progress=False)
+    assert [o.state for o in second] == ["skipped", "resumed", "finished"]
+    assert recorder.calls == [
+        ("refresh_every=10", True, False),
+        ("refresh_every=never", False, True),
+    ]
+    # --overwrite runs everything again from scratch
+    recorder = Recorder()
+    run_ablation(
+        TINY, grid, out, overrides=ANN, overwrite=True, runner=recorder, show_progress=False
+    )
+    assert [resume for _, resume, _ in recorder.calls] == [False] * 3
+
+
+def test_a_run_folder_with_other_settings_is_refused(tmp_path):
+    out = tmp_path / "grid"
+    run_ablation(TINY, (f"{REFRESH}=1",), out, overrides=ANN, runner=stub_runner)
+    with pytest.raises(ConfigError, match="train.lr=0.001 but the grid now asks for train.lr=0.01"):
+        run_ablation(TINY, (f"{REFRESH}=1",), out, overrides=(*ANN, "train.lr=0.01"))
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failed_run_does_not_stop_the_others(tmp_path, jobs):
+    out = tmp_path / "grid"
+    outcomes = run_ablation(
+        TINY,
+        ("sampler.index.nprobe=2,3,4",),
+        out,
+        overrides=ANN,
+        jobs=jobs,
+        runner=stub_runner,
+        show_progress=False,
+    )
+    by_label = {o.label: o for o in outcomes}
+    failed = [o for o in outcomes if o.state == "failed"]
+    assert {o.label for o in failed} == {
+        label for label in by_label if label.startswith("nprobe=3")
+    }
+    assert all(o.state == "finished" for o in outcomes if o not in failed)
+    log = out / "logs" / f"{failed[0].label}.log"
+    assert failed[0].error == f"RuntimeError: stub failure on two lines (log: {log})"
+    assert "Traceback" in log.read_text(encoding="utf-8")
+    assert ablation.failures_text(outcomes).count("FAILED nprobe=3") == len(failed)
+    rows, _, unfinished = collect_rows(out)
+    assert len(rows) == len(outcomes) - len(failed) and unfinished == []
+
+
+def test_a_run_whose_process_dies_fails_alone(tmp_path):
+    outcomes = run_ablation(
+        TINY,
+        ("sampler.index.nprobe=3,4",),
+        tmp_path / "grid",
+        overrides=ANN,
+        jobs=2,
+        runner=dying_runner,
+        show_progress=False,
+    )
+    assert [o.state for o in outcomes] == ["failed", "finished"]
+    assert "process died (exit code 7)" in outcomes[0].error
+
+
+def test_rows_hold_settings_metrics_and_index_figures(tmp_path):
+    out = tmp_path / "grid"
+    run_ablation(
+        TINY,
+        (f"{REFRESH}=never,5,epoch", "sampler.index.asynchronous=false,true"),
+        out,
+        seeds=[0, 1],
+        overrides=ANN,
+        runner=stub_runner,
+        show_progress=False,
+    )
+    # an interrupted run is listed, not tabulated
+    interrupted = out / "refresh_every=5_asynchronous=true_seed=1"
+    (interrupted / "results.json").unlink()
+    rows, columns, unfinished = collect_rows(out)
+    assert columns == ["refresh_interval", "sampler.index.asynchronous"]
+    assert unfinished == [interrupted] and len(rows) == 11
+    # sorted by interval: steps (epoch at its 20 steps), then never
+    assert list(dict.fromkeys(r["refresh_interval"] for r in rows)) == ["5", "epoch", "never"]
+    for row in rows:
+        assert row["refresh_interval"] == row["run"].split("_asynchronous")[0].removeprefix(
+            "refresh_every="
+        )
+        assert row["test_ndcg@10"] == pytest.approx(fake_ndcg(load(out / row["run"])))
+        assert row["train_seconds"] == pytest.approx(4.0)
+        assert (row["refresh_count"], row["wait_seconds"]) == (4, 0.5)
+        assert (row["recall_mean"], row["recall_final"]) == (pytest.approx(0.85), 0.8)
+        assert row["tv_final"] == 0.2 and row["drift_mean"] is None
+        assert row["wall_seconds"] >= 0.0
+    summary = summary_markdown(rows, columns, unfinished)
+    never = [line for line in summary.splitlines() if line.startswith("| never | False |")]
+    values = [
+        fake_ndcg(load(out / f"refresh_every=never_asynchronous=false_seed={s}")) for s in (0, 1)
+    ]
+    expected = f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+    assert len(never) == 1 and never[0].split(" | ")[3] == expected
+    assert "refresh_every=5_asynchronous=true_seed=1 (logs/" in summary
+
+
+def load(run_dir: Path) -> RunConfig:
+    from annsample.config import load_config
+
+    return load_config(run_dir / "config.yaml")
+
+
+def test_report_of_a_folder_without_finished_runs_is_an_error(tmp_path):
+    with pytest.raises(RunError, match="does not exist"):
+        collect_rows(tmp_path / "missing")
+    with pytest.raises(RunError, match="no finished run"):
+        collect_rows(tmp_path)
+
+
+def test_ablate_report_rebuilds_every_output(tmp_path):
+    pytest.importorskip(
+        "matplotlib", reason="matplotlib (a dependency: pip install -e .) is not installed"
+    )
+    out = tmp_path / "grid"
+    run_ablation(
+        TINY, (f"{REFRESH}=1,never",), out, seeds=[0, 1], overrides=ANN, runner=stub_runner
+    )
+    result = CliRunner().invoke(main, ["ablate", "report", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "| 1 | 2 |" in result.output and "| never | 2 |" in result.output
+    written = {name: (out / name).stat().st_mtime_ns for name in ablation_outputs()}
+    for name in written:
+        (out / name).unlink()
+    result = CliRunner().invoke(main, ["ablate", "report", str(out)])
+    assert result.exit_code == 0, result.output
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with (out / "results.csv").open(encoding="utf-8") as file:
+        table = list(csv.DictReader(file))
+    assert [r["run"] for r in table] == [
+        r["run"] for r in json.loads((out / "results.json").read_text())
+    ]
+    assert {r["refresh_interval"] for r in table} == {"1", "never"} and len(table) == 4
+    assert (out / "summary.md").read_text(encoding="utf-8") in result.output
+
+
+def ablation_outputs() -> tuple[str, ...]:
+    from annsample.ablation_report import OUTPUTS
+
+    return OUTPUTS
+
+
+def test_cli_usage_errors_are_one_line(tmp_path):
+    result = CliRunner().invoke(main, ["ablate"])  # `ablate` alone is `ablate run`
+    assert result.exit_code == 2 and "Missing option '--grid'" in result.output
+    result = CliRunner().invoke(main, ["ablate", "--grid", "train.lr", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "expected KEY=V1,V2" in result.output
+    result = CliRunner().invoke(main, ["ablate", "report", str(tmp_path / "nothing")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_cli_exits_1_and_names_the_failed_run(tmp_path, monkeypatch):
+    pytest.importorskip(
+        "matplotlib", reason="matplotlib (a dependency: pip install -e .) is not installed"
+    )
+    monkeypatch.setattr(ablation, "train_runner", stub_runner)
+    args = ["ablate", "--config", str(TINY), "--grid", "sampler.index.nprobe=3,4"]
+    args += [arg for override in ANN for arg in ("--set", override)]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "grid")])
+    assert result.exit_code == 1
+    assert "FAILED nprobe=3: RuntimeError: stub failure" in result.output
+    assert "| nprobe=4 | finished |" in result.output
+    assert (tmp_path / "grid" / "summary.md").is_file()
+
+
+@pytest.mark.slow
+def test_two_tiny_real_runs_end_to_end(tmp_path):
+    """Real training through the ablation (no plots, so it runs without matplotlib too)."""
+    out = tmp_path / "grid"
+    fast = (*ANN, "train.epochs=1", "train.num_threads=1", "sampler.index.probe_every=2")
+    grid = (f"{REFRESH}=2,never",)
+    outcomes = run_ablation(TINY, grid, out, overrides=fast, show_progress=False)
+    assert [o.state for o in outcomes] == ["finished", "finished"], outcomes
+    rows, columns, unfinished = collect_rows(out)
+    assert columns == ["refresh_interval"] and unfinished == []
+    by_interval = {r["refresh_interval"]: r for r in rows}
+    assert set(by_interval) == {"2", "never"}
+    steps = by_interval["2"]["steps"]
+    assert by_interval["2"]["refresh_count"] == steps // 2
+    assert by_interval["never"]["refresh_count"] == 0
+    assert by_interval["never"]["wait_seconds"] == 0.0
+    # probes every 2 steps: the never-refreshed index falls behind the refreshed one
+    assert len(by_interval["never"]["_series"]["recall"]) == steps // 2
+    assert by_interval["never"]["drift_final"] > by_interval["2"]["drift_final"]
+    assert all(0.0 <= r["recall_final"] <= 1.0 and 0.0 <= r["tv_final"] <= 1.0 for r in rows)
+    assert all(r["wall_seconds"] > 0 and r["train_seconds"] > 0 for r in rows)
+    # running it again trains nothing
+    again = run_ablation(TINY, grid, out, overrides=fast, show_progress=False)
+    assert [o.state for o in again] == ["skipped", "skipped"]
+
+
+def test_refresh_interval_names_the_schedule():
+    config = flatten(config_to_dict(RunConfig()))
+    assert refresh_interval(config) == "-"  # the default sampler is uniform: no index
+    config["sampler.name"] = "ann"
+    assert refresh_interval(config) == "100"
+    config["sampler.index.refresh"] = "never"
+    assert refresh_interval(config) == "never"
+    config["loss.name"] = "full_ce"
+    assert refresh_interval(config) == "-"
+
+
+def test_a_resumed_run_keeps_the_threads_it_started_with(tmp_path):
+    # a checkpoint only resumes under its own config, and --jobs may change between invocations
+    (started,) = plan_runs(TINY, (f"{REFRESH}=10",), overrides=ANN, threads=7)
+    stub_runner(started.config, tmp_path / started.label, False, False)
+    (now,) = plan_runs(TINY, (f"{REFRESH}=10",), overrides=ANN, threads=1)
+    resumed = ablation._resume_config(now, tmp_path / now.label)
+    assert resumed.train.num_threads == 7
+    assert resumed == started.config
