@@ -1,5 +1,5 @@
 """Time the ann sampler's candidate scoring in query="sequence" mode, per-position gather vs
-per-sequence bmm, alternating in one process (median of 7). Index search is excluded (the fake
+per-sequence bmm, alternating in one process (median of --steps, 7). Index search is excluded (the fake
 index returns fixed ids), so only the scoring and exclusion look-ups are timed.
 
     .venv/bin/python examples/sequence_rescore_timing.py --items 1000000 --threads 1
@@ -24,14 +24,15 @@ class FixedIndex:
         return torch.zeros(self.ids.shape), self.ids
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--sequences", type=int, default=256)
     parser.add_argument("--positions", type=int, default=12, help="mean positions per sequence")
     parser.add_argument("--candidates", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
+    parser.add_argument("--steps", type=int, default=7, help="timed calls of each path (median)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     n, B, K, d = args.items, args.sequences, args.candidates, 64
@@ -55,7 +56,7 @@ def main() -> None:
 
     assert torch.allclose(per_position(), per_sequence(), atol=1e-4)
     times: dict[str, list[float]] = {"per_position": [], "per_sequence": []}
-    for _ in range(7):
+    for _ in range(args.steps):
         for name, fn in (("per_position", per_position), ("per_sequence", per_sequence)):
             t0 = time.perf_counter()
             fn()
@@ -63,6 +64,7 @@ def main() -> None:
     a, b = (float(np.median(times[k])) for k in ("per_position", "per_sequence"))
     print(f"P={P} positions, {B} sequences, K={K}, N={n}, threads={args.threads}")
     print(f"per-position gather: {a:.1f} ms; per-sequence bmm: {b:.1f} ms; ratio {a / b:.2f}x")
+    return {"per_position_ms": a, "per_sequence_ms": b}
 
 
 if __name__ == "__main__":
