@@ -158,6 +158,10 @@ def plan_runs(
 ) -> list[PlannedRun]:
     """Every combination of the grid (times every seed), each config validated before any run.
 
+    A combination in which the run's own schedule or sampler ignores one of its grid values (e.g.
+    ``sampler.index.asynchronous=true`` with ``refresh_every=never``) would only repeat another run,
+    so it is left out with a warning; any other invalid combination is an error.
+
     Args:
         config_path: base YAML config (None = defaults).
         grid: ``KEY=V1,V2,...`` axes; ``seed`` is not an axis (pass ``seeds``).
@@ -173,6 +177,7 @@ def plan_runs(
     # the last part of a key names it in folder names, unless two axes share it
     names = [s if short.count(s) == 1 else key for s, (key, _) in zip(short, axes, strict=True)]
     plans = []
+    left_out: list[str] = []
     for values in itertools.product(*(vals for _, vals in axes)):
         settings: tuple[str, ...] = ()
         for (key, _), value in zip(axes, values, strict=True):
@@ -183,10 +188,27 @@ def plan_runs(
             seeded = settings + ((f"seed={seed}",) if seed is not None else ())
             run_label = label if seed is None else f"{label}_seed={seed}"
             extra = (f"name={base.name}-{label}", "train.show_progress=false")
-            config = load_config(config_path, overrides + seeded + extra)
+            try:
+                config = load_config(config_path, overrides + seeded + extra)
+            except ConfigError:
+                # a combination whose schedule ignores one of its grid values (e.g. asynchronous
+                # with refresh=never) would repeat another run; other errors still stop the plan
+                load_config(config_path, overrides + seeded + extra, check_ignored=False)
+                if seed is None or seed == seeds[0]:
+                    left_out.append(label)
+                continue
             if not config.train.num_threads:
                 config = _with_threads(config, threads)
             plans.append(PlannedRun(run_label, seeded, config))
+    if left_out:
+        if not plans:
+            load_config(config_path, overrides + settings + extra)  # raises: say why
+        logger.warning(
+            "left out %d grid combination(s) whose refresh schedule or sampler ignores one of "
+            "their values (they would repeat another run): %s",
+            len(left_out),
+            ", ".join(left_out),
+        )
     labels = [plan.label for plan in plans]
     clashes = sorted({label for label in labels if labels.count(label) > 1})
     if clashes:

@@ -89,7 +89,9 @@ def test_grid_expands_every_combination_times_every_seed():
         overrides=ANN,
         threads=3,
     )
-    assert len(plans) == 3 * 2 * 2
+    # never x asynchronous=true would repeat never x false: left out
+    assert len(plans) == 3 * 2 * 2 - 2
+    assert not any("never_asynchronous=true" in plan.label for plan in plans)
     assert len({plan.label for plan in plans}) == len(plans)
     first = plans[0]
     assert first.label == "refresh_every=1_asynchronous=false_seed=0"
@@ -103,6 +105,9 @@ def test_grid_expands_every_combination_times_every_seed():
     assert {(p.config.seed, p.config.sampler.index.asynchronous) for p in plans} == {
         (s, a) for s in (0, 1) for a in (False, True)
     }
+    # a grid whose every combination is ignored-setting, or otherwise invalid, is still an error
+    with pytest.raises(ConfigError, match="asynchronous"):
+        plan_runs(TINY, (f"{REFRESH}=never", "sampler.index.asynchronous=true"), overrides=ANN)
     assert {p.config.train.num_threads for p in plans} == {3}
     assert not any(p.config.train.show_progress for p in plans)
     # a thread count the user fixed is kept
@@ -222,7 +227,7 @@ def test_rows_hold_settings_metrics_and_index_figures(tmp_path):
     (interrupted / "results.json").unlink()
     rows, columns, unfinished = collect_rows(out)
     assert columns == ["refresh_interval", "sampler.index.asynchronous"]
-    assert unfinished == [interrupted] and len(rows) == 11
+    assert unfinished == [interrupted] and len(rows) == 9  # never x async=true left out
     # sorted by interval: steps (epoch at its 20 steps), then never
     assert list(dict.fromkeys(r["refresh_interval"] for r in rows)) == ["5", "epoch", "never"]
     for row in rows:
@@ -344,7 +349,7 @@ def test_refresh_interval_names_the_schedule():
     config = flatten(config_to_dict(RunConfig()))
     assert refresh_interval(config) == "-"  # the default sampler is uniform: no index
     config["sampler.name"] = "ann"
-    assert refresh_interval(config) == "100"
+    assert refresh_interval(config) == str(RunConfig().sampler.index.refresh_every)
     config["sampler.index.refresh"] = "never"
     assert refresh_interval(config) == "never"
     config["loss.name"] = "full_ce"
