@@ -29,7 +29,7 @@ class DataConfig:
     max_len: int = 50
     # synthetic catalog (used when path == "synthetic"): see annsample.synthetic
     synthetic_items: int = 0
-    synthetic_users: int = 0  # 0 = synthetic_items // 5
+    synthetic_users: int = 0  # 0 = synthetic_items // 2, at least 1000
     synthetic_seed: int = 0
 
 

@@ -160,7 +160,7 @@ def prepare_data(config: RunConfig) -> Prepared:
         dataset = synthetic_dataset(
             n_items=config.data.synthetic_items,
             n_users=config.data.synthetic_users,
-            seed=config.seed,
+            seed=config.data.synthetic_seed,
         )
     else:
         dc = config.data
