@@ -107,6 +107,9 @@ class TrainConfig:
     show_progress: bool = True
     checkpoint_every: int = 500  # steps between full-state checkpoints (0 = at epoch ends only)
     keep_checkpoints: int = 3  # newest checkpoints kept in <run>/checkpoints
+    max_seconds: float = (
+        0.0  # wall-clock budget of the training loop, evaluations included (0 = none)
+    )
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,11 @@ def _check_consistency(config: RunConfig, where: str) -> None:
         raise ConfigError(
             f"{where}: train.checkpoint_every must be >= 0 (0 = checkpoint at epoch ends only), "
             f"got {config.train.checkpoint_every}"
+        )
+    if not 0.0 <= config.train.max_seconds < math.inf:
+        raise ConfigError(
+            f"{where}: train.max_seconds must be a finite number >= 0 (0 = no budget), "
+            f"got {config.train.max_seconds}"
         )
     if not math.isfinite(config.train.lr) or config.train.lr <= 0:
         raise ConfigError(f"{where}: train.lr must be a finite number > 0, got {config.train.lr}")
