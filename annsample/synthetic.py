@@ -59,7 +59,7 @@ __all__ = [
     "synthetic_dataset",
 ]
 
-_VERSION = 2  # bump when the generator's output for the same parameters changes
+_VERSION = 3  # bump when the generator's output for the same parameters changes
 _KERNEL_SCALE = 2.0  # ring kernel exp(-(d - 1) / scale)
 _MAX_REDRAWS = 30  # repeat redraws per position before a user's sequence ends there
 
@@ -89,9 +89,9 @@ class SyntheticParams:
     """Every knob of the generator (the module docstring says what each plants)."""
 
     n_items: int
-    n_users: int = 0  # 0 = n_items // 2, at least 1000
-    mean_length: float = 30.0  # mean sequence length (geometric tail, clipped to [3, max_length])
-    max_length: int = 52  # data.max_len 50 inputs + validation + test
+    n_users: int = 0  # 0 = n_items, at least 1000
+    mean_length: float = 15.0  # mean sequence length (geometric tail, clipped to [3, max_length])
+    max_length: int = 22  # data.max_len 20 inputs + validation + test (the dynamics are 1st order)
     cluster_size: int = 100
     cluster_zipf: float = 0.8
     item_zipf: float = 1.1
@@ -102,7 +102,7 @@ class SyntheticParams:
     seed: int = 0
 
     def resolved_users(self) -> int:
-        return self.n_users or max(1000, self.n_items // 2)
+        return self.n_users or max(1000, self.n_items)
 
 
 def _check(params: SyntheticParams) -> None:
@@ -441,7 +441,7 @@ def synthetic_dataset(n_items: int, n_users: int = 0, seed: int = 0, **knobs) ->
 
     Args:
         n_items: catalog size N.
-        n_users: number of users (0 = N // 2, at least 1000).
+        n_users: number of users (0 = N, at least 1000).
         seed: the generator seed (same seed and parameters, same data).
         knobs: further :class:`SyntheticParams` fields (cluster_size, stay, ...).
     """

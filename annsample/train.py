@@ -157,8 +157,12 @@ def prepare_data(config: RunConfig) -> Prepared:
         raise DataError(f"data.path {config.data.path!r} contains a NUL byte; fix the path")
     catalog = None
     if config.data.path == "synthetic":
-        from annsample.synthetic import synthetic_catalog
+        from annsample.scale import check_memory
+        from annsample.synthetic import SyntheticParams, synthetic_catalog
 
+        dc = config.data
+        users = SyntheticParams(dc.synthetic_items, dc.synthetic_users).resolved_users()
+        check_memory(config, dc.synthetic_items, users)
         catalog, dataset = synthetic_catalog(
             n_items=config.data.synthetic_items,
             n_users=config.data.synthetic_users,
