@@ -107,9 +107,8 @@ class TrainConfig:
     show_progress: bool = True
     checkpoint_every: int = 500  # steps between full-state checkpoints (0 = at epoch ends only)
     keep_checkpoints: int = 3  # newest checkpoints kept in <run>/checkpoints
-    max_seconds: float = (
-        0.0  # wall-clock budget of the training loop, evaluations included (0 = none)
-    )
+    valid_users: int = 0  # users validated during training (0 = as eval_users)
+    max_seconds: float = 0.0  # training-loop wall-clock budget, validations included (0 = none)
 
 
 @dataclass(frozen=True)
@@ -288,7 +287,7 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
     item-embedding gradients (a dense Adam step on a 1M-row table costs more than the rest of the
     step), inputs of the last 20 items (the synthetic catalog's dynamics are first order), and a
     15-minute budget: 13 minutes of training (``train.max_seconds``, validation on a fixed subset of
-    2,000 users every 250 steps included), the rest for setup and the test evaluation.
+    500 users every 250 steps included), the rest for setup and the test on 2,000 users.
     """
     nlist = int(min(max(16, math.isqrt(n_items)), n_items // 39 or 1))
     overrides = [
@@ -307,6 +306,7 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
             "model.sparse_embeddings=true",
             "data.max_len=20",
             "train.eval_users=2000",
+            "train.valid_users=500",
             "train.max_seconds=780",
             "train.max_steps_per_epoch=250",
             "train.epochs=1000",

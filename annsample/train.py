@@ -306,9 +306,17 @@ def batch_exclusions(
 
 
 def evaluate_model(
-    model: SASRec, prepared: Prepared, stage: str, config: RunConfig, device: torch.device
+    model: SASRec,
+    prepared: Prepared,
+    stage: str,
+    config: RunConfig,
+    device: torch.device,
+    user_count: int | None = None,
 ) -> dict[str, float]:
-    """Full-ranking metrics of ``model`` on the validation or test targets."""
+    """Full-ranking metrics of ``model`` on the validation or test targets.
+
+    ``user_count`` overrides ``train.eval_users`` (the fixed user subset; 0 = all users).
+    """
     split = prepared.split
     inputs, targets = data_mod.eval_tensors(split, stage, config.data.max_len)
     indptr, items = data_mod.history_csr(split, stage)
@@ -324,7 +332,11 @@ def evaluate_model(
             items,
             batch_size=config.train.eval_batch_size,
             device=device,
-            users=eval_users(split.n_users, config.train.eval_users, config.seed),
+            users=eval_users(
+                split.n_users,
+                config.train.eval_users if user_count is None else user_count,
+                config.seed,
+            ),
         )
     finally:
         model.train(was_training)
@@ -577,7 +589,9 @@ def train(
             if epoch % tc.eval_every and epoch != tc.epochs and not budget.spent():
                 logger.info("epoch %d: loss %.4f (%.1f s)", epoch, mean_loss, seconds)
             else:
-                valid = evaluate_model(model, prepared, "valid", config, device)
+                valid = evaluate_model(
+                    model, prepared, "valid", config, device, tc.valid_users or None
+                )
                 log.write(
                     step,
                     **{f"eval/valid/{key}": value for key, value in valid.items()},
