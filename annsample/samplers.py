@@ -582,9 +582,40 @@ class AnnSampler:
             )
         return self.alpha * scores
 
+    def _rescore_by_sequence(self, queries, item_embeddings, seq_candidates, row) -> torch.Tensor:
+        """Scores (P, K) when every position of a sequence shares its candidates (B, K).
+
+        Gathers each sequence's K candidate vectors once and multiplies them with all of its
+        positions in one batched matmul, instead of gathering (P, K, d) rows: ~T times less memory
+        traffic at T positions per sequence.
+        """
+        P, d = queries.shape
+        B = seq_candidates.shape[0]
+        # column of each position among its sequence's positions (rows may come in any order)
+        order = torch.argsort(row, stable=True)
+        starts = torch.zeros(B + 1, dtype=torch.int64, device=queries.device)
+        starts[1:] = torch.bincount(row, minlength=B).cumsum(0)
+        col = torch.empty_like(row)
+        col[order] = torch.arange(P, device=queries.device) - starts[row[order]]
+        width = int(col.max()) + 1 if P else 1
+        padded = queries.new_zeros(B, width, d)
+        padded[row, col] = queries
+        vectors = item_embeddings[seq_candidates.clamp(min=0)]  # (B, K, d)
+        scores = torch.bmm(padded, vectors.transpose(1, 2))  # (B, width, K)
+        return self.alpha * scores[row, col]
+
     def _logits(self, queries, item_embeddings, exclusions, sequence_queries):
-        candidates = self.candidate_ids(queries, exclusions, sequence_queries)
-        logits = self._rescore(queries, item_embeddings, candidates)
+        if self.query == "sequence" and sequence_queries is not None:
+            index = self._current_index()
+            _, I = index.search(sequence_queries.float().contiguous(), self.candidates)
+            seq_candidates = I.to(queries.device)
+            candidates = seq_candidates[exclusions.row]
+            logits = self._rescore_by_sequence(
+                queries, item_embeddings, seq_candidates, exclusions.row
+            )
+        else:
+            candidates = self.candidate_ids(queries, exclusions, sequence_queries)
+            logits = self._rescore(queries, item_embeddings, candidates)
         blocked = (candidates < 1) | exclusions.contains(candidates.clamp(min=0))
         return logits.masked_fill(blocked, float("-inf")), candidates
 

@@ -406,6 +406,7 @@ def train(
     tc = config.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+        _set_faiss_threads(tc.num_threads)
     device = resolve_device(tc.device)
     seed_everything(config.seed)
     prepared = prepare_data(config)
@@ -659,6 +660,16 @@ def train(
     shutil.rmtree(checkpoint_mod.checkpoint_folder(out), ignore_errors=True)
     logger.info("test: %s", ", ".join(f"{key} {value:.4f}" for key, value in test.items()))
     return results
+
+
+def _set_faiss_threads(count: int) -> None:
+    """FAISS's OpenMP pool follows ``train.num_threads`` too (on a shared machine an idle-spinning
+    pool of every core's threads costs more than it searches)."""
+    try:
+        import faiss
+    except ImportError:  # faiss is optional; without it there is no index to search
+        return
+    faiss.omp_set_num_threads(count)
 
 
 class _Budget:

@@ -1,0 +1,122 @@
+"""The quality table of synthetic-catalog runs and its plot of validation NDCG@10 against wall clock.
+
+``python -m annsample.quality RUN_DIR ... [--png docs/quality.png]`` reads each finished run folder
+(``config.yaml``, ``metrics.jsonl``, ``results.json``) and prints one markdown row per run: sampler,
+loss, test NDCG@10 / HR@10, their fraction of the catalog's oracle, steps, and training seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger(__name__)
+
+
+def read_run(run_dir: str | Path) -> dict[str, Any]:
+    """One finished run: its label, results and validation curve ``[(seconds, ndcg@10), ...]``."""
+    run = Path(run_dir)
+    missing = [n for n in ("config.yaml", "metrics.jsonl", "results.json") if not (run / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{run} is not a finished run folder (missing {', '.join(missing)}); pass the --out "
+            "folder of a finished `annsample train`"
+        )
+    config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    # wall clock of training, validations excluded: the sum of epoch seconds so far
+    epoch_seconds = [r["train/epoch_seconds"] for r in records if "train/epoch_seconds" in r]
+    curve, elapsed = [], 0.0
+    for record in records:
+        if "train/epoch_seconds" in record:
+            elapsed += record["train/epoch_seconds"]
+        if "eval/valid/ndcg@10" in record:
+            curve.append((elapsed, record["eval/valid/ndcg@10"]))
+    sampler, loss = config["sampler"]["name"], config["loss"]["name"]
+    return {
+        "label": f"{sampler} {loss}" + _extra_label(config),
+        "sampler": sampler,
+        "loss": loss,
+        "catalog_size": config["data"]["synthetic_items"],
+        "steps": results["steps"],
+        "train_seconds": sum(epoch_seconds),
+        "test": results["test"],
+        "oracle": results.get("oracle"),
+        "fraction": results.get("fraction_of_oracle"),
+        "curve": curve,
+    }
+
+
+def _extra_label(config: dict) -> str:
+    sampler = config["sampler"]
+    if sampler["name"] == "pool":
+        return f" (pool {sampler['pool_size']})"
+    if sampler["name"] == "ann":
+        return f" ({sampler['candidates']} candidates)"
+    return ""
+
+
+def quality_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown rows, one per run; ``train s`` excludes setup and the final test."""
+    lines = [
+        "| catalog | run | test NDCG@10 | test HR@10 | fraction of oracle (NDCG / HR) | steps | train s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in runs:
+        fraction = r["fraction"] or {}
+        lines.append(
+            f"| {r['catalog_size']:,} | {r['label']} | {r['test']['ndcg@10']:.4f} "
+            f"| {r['test']['hr@10']:.4f} | {fraction.get('ndcg@10', float('nan')):.2f} / "
+            f"{fraction.get('hr@10', float('nan')):.2f} | {r['steps']} | {r['train_seconds']:.0f} |"
+        )
+    oracles = {r["catalog_size"]: r["oracle"] for r in runs if r["oracle"]}
+    for size, oracle in sorted(oracles.items()):
+        lines.append(
+            f"| {size:,} | oracle (true next-item probabilities) | {oracle['ndcg@10']:.4f} "
+            f"| {oracle['hr@10']:.4f} | 1.00 / 1.00 | | |"
+        )
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
+    """Validation NDCG@10 against training seconds, one line per run, one panel per catalog."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({r["catalog_size"] for r in runs})
+    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        for r in (r for r in runs if r["catalog_size"] == size):
+            xs, ys = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
+            ax.plot(xs, ys, marker="o", label=r["label"])
+        ax.set_title(f"{size:,} items")
+        ax.set_xlabel("training wall clock (s)")
+        ax.set_ylabel("validation NDCG@10")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="finished run folders")
+    parser.add_argument("--png", help="write the validation curves here")
+    args = parser.parse_args(argv)
+    runs = [read_run(run) for run in args.runs]
+    print(quality_table(runs))  # noqa: T201 - the command's output
+    if args.png:
+        plot_curves(runs, args.png)
+
+
+if __name__ == "__main__":
+    main()
