@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 logger = logging.getLogger(__name__)
@@ -21,7 +22,9 @@ logger = logging.getLogger(__name__)
 def read_run(run_dir: str | Path) -> dict[str, Any]:
     """One finished run: its label, results and validation curve ``[(seconds, ndcg@10), ...]``."""
     run = Path(run_dir)
-    missing = [n for n in ("config.yaml", "metrics.jsonl", "results.json") if not (run / n).is_file()]
+    missing = [
+        n for n in ("config.yaml", "metrics.jsonl", "results.json") if not (run / n).is_file()
+    ]
     if missing:
         raise FileNotFoundError(
             f"{run} is not a finished run folder (missing {', '.join(missing)}); pass the --out "
@@ -29,7 +32,9 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         )
     config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line]
+    records = [
+        json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line
+    ]
     # wall clock of training, validations excluded: the sum of epoch seconds so far
     epoch_seconds = [r["train/epoch_seconds"] for r in records if "train/epoch_seconds" in r]
     curve, elapsed = [], 0.0
@@ -105,6 +110,58 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def transition_count_ranks(
+    train_indptr: np.ndarray,
+    train_items: np.ndarray,
+    n_items: int,
+    previous: np.ndarray,
+    targets: np.ndarray,
+    history: np.ndarray,
+) -> np.ndarray:
+    """Ranks of a model-free reference: score j by how often j followed the previous item in training.
+
+    Ties (most items never followed it) are broken by training popularity. Same protocol as
+    :func:`annsample.evaluate.rank_targets`: history masked, strictly higher scores counted.
+
+    Args:
+        train_indptr, train_items: CSR training sequences; n_items: N.
+        previous: (Q,) int64 last input item; targets: (Q,) int64; history: (Q, H) int64 (0 = pad).
+    Returns:
+        (Q,) int64 ranks.
+    """
+    follows = np.ones(len(train_items), dtype=bool)
+    follows[train_indptr[:-1][np.diff(train_indptr) > 0]] = False  # a sequence's first item
+    pairs = np.unique(
+        train_items[:-1][follows[1:]] * (n_items + 1) + train_items[1:][follows[1:]],
+        return_counts=True,
+    )
+    keys, counts = pairs
+    popularity = np.bincount(train_items, minlength=n_items + 1).astype(np.float64)
+    scale = popularity.max() + 1.0  # one transition outweighs any popularity
+    ranks = np.empty(len(targets), dtype=np.int64)
+    for q, (prev, target) in enumerate(zip(previous, targets, strict=True)):
+        lo, hi = np.searchsorted(keys, [prev * (n_items + 1), (prev + 1) * (n_items + 1)])
+        followers = keys[lo:hi] - prev * (n_items + 1)
+        score_target = popularity[target] + scale * counts[lo:hi][followers == target].sum()
+        masked = history[q][(history[q] > 0) & (history[q] != target)]
+        above = int((popularity[1:] > score_target).sum())  # items by popularity alone
+        # items with transitions: replace their popularity-only score by the full one
+        full = popularity[followers] + scale * counts[lo:hi]
+        keep = followers != target
+        above += int((full[keep] > score_target).sum()) - int(
+            (popularity[followers[keep]] > score_target).sum()
+        )
+        # masked history items no longer count
+        in_followers = np.isin(masked, followers)
+        masked_score = popularity[masked].copy()
+        if in_followers.any():
+            where = np.searchsorted(followers, masked[in_followers])
+            masked_score[in_followers] += scale * counts[lo:hi][where]
+        above -= int((masked_score > score_target).sum())
+        ranks[q] = above
+    return ranks
 
 
 def main(argv: list[str] | None = None) -> None:
