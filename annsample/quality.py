@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from annsample import data as data_mod
+
 logger = logging.getLogger(__name__)
 
 
@@ -164,15 +166,48 @@ def transition_count_ranks(
     return ranks
 
 
+def transition_count_metrics(
+    n_items: int, test_users: int, seed: int = 0, synthetic_seed: int = 0, max_len: int = 20
+) -> dict[str, float]:
+    """Test HR/NDCG of the transition-count reference on the users a ``--catalog-size`` run tests
+    (``train.eval_users`` = ``test_users`` with run seed ``seed``)."""
+    from annsample.evaluate import metrics_from_ranks
+    from annsample.synthetic import synthetic_dataset
+    from annsample.train import eval_users
+
+    split = data_mod.leave_one_out(synthetic_dataset(n_items, seed=synthetic_seed))
+    inputs, targets = data_mod.eval_tensors(split, "test", max_len)
+    indptr, items = data_mod.history_csr(split, "test")
+    users = eval_users(split.n_users, test_users, seed)
+    users = np.arange(split.n_users) if users is None else users
+    history = data_mod.pad_rows(indptr, items, users, 0)
+    ranks = transition_count_ranks(
+        split.train_indptr, split.train_items, n_items, inputs[users, -1], targets[users], history
+    )
+    return metrics_from_ranks(ranks)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help="finished run folders")
+    parser.add_argument("runs", nargs="*", help="finished run folders")
     parser.add_argument("--png", help="write the validation curves here")
+    parser.add_argument(
+        "--counts",
+        nargs=2,
+        metavar=("N_ITEMS", "TEST_USERS"),
+        help="also score the transition-count reference on a synthetic catalog's test users",
+    )
     args = parser.parse_args(argv)
     runs = [read_run(run) for run in args.runs]
-    print(quality_table(runs))  # noqa: T201 - the command's output
+    if runs:
+        print(quality_table(runs))  # noqa: T201 - the command's output
     if args.png:
         plot_curves(runs, args.png)
+    if args.counts:
+        from annsample.synthetic import parse_size
+
+        metrics = transition_count_metrics(parse_size(args.counts[0]), int(args.counts[1]))
+        print(json.dumps({"transition_counts": metrics}))  # noqa: T201
 
 
 if __name__ == "__main__":
