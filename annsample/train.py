@@ -147,6 +147,7 @@ class Prepared:
     history_indptr: np.ndarray
     history_items: np.ndarray
     popularity: np.ndarray
+    catalog: Any = None  # the SyntheticCatalog (for its oracle) when data.path == "synthetic"
 
     @property
     def n_items(self) -> int:
@@ -157,13 +158,18 @@ def prepare_data(config: RunConfig) -> Prepared:
     """Load the dataset named by the config and build the leave-one-out tensors."""
     if "\0" in config.data.path:
         raise DataError(f"data.path {config.data.path!r} contains a NUL byte; fix the path")
+    catalog = None
     if config.data.path == "synthetic":
-        from annsample.synthetic import synthetic_dataset
+        from annsample.scale import check_memory
+        from annsample.synthetic import SyntheticParams, synthetic_catalog
 
-        dataset = synthetic_dataset(
+        dc = config.data
+        users = SyntheticParams(dc.synthetic_items, dc.synthetic_users).resolved_users()
+        check_memory(config, dc.synthetic_items, users)
+        catalog, dataset = synthetic_catalog(
             n_items=config.data.synthetic_items,
             n_users=config.data.synthetic_users,
-            seed=config.seed,
+            seed=config.data.synthetic_seed,
         )
     else:
         dc = config.data
@@ -184,6 +190,7 @@ def prepare_data(config: RunConfig) -> Prepared:
         history_indptr=indptr,
         history_items=items,
         popularity=data_mod.item_popularity(split),
+        catalog=catalog,
     )
 
 
@@ -312,9 +319,17 @@ def seed_everything(seed: int) -> None:
 
 
 def evaluate_model(
-    model: SASRec, prepared: Prepared, stage: str, config: RunConfig, device: torch.device
+    model: SASRec,
+    prepared: Prepared,
+    stage: str,
+    config: RunConfig,
+    device: torch.device,
+    user_count: int | None = None,
 ) -> dict[str, float]:
-    """Full-ranking metrics of ``model`` on the validation or test targets."""
+    """Full-ranking metrics of ``model`` on the validation or test targets.
+
+    ``user_count`` overrides ``train.eval_users`` (the fixed user subset; 0 = all users).
+    """
     split = prepared.split
     inputs, targets = data_mod.eval_tensors(split, stage, config.data.max_len)
     indptr, items = data_mod.history_csr(split, stage)
@@ -330,7 +345,11 @@ def evaluate_model(
             items,
             batch_size=config.train.eval_batch_size,
             device=device,
-            users=eval_users(split.n_users, config.train.eval_users, config.seed),
+            users=eval_users(
+                split.n_users,
+                config.train.eval_users if user_count is None else user_count,
+                config.seed,
+            ),
         )
     finally:
         model.train(was_training)
@@ -401,6 +420,7 @@ def train(
     tc = config.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+        _set_faiss_threads(tc.num_threads)
     device = distributed.device_for(ctx, resolve_device(tc.device))
     seed_everything(config.seed)
     prepared = prepare_data(config)
@@ -505,6 +525,13 @@ def train(
         k = config.sampler.num_negatives
         warmup = UniformSampler()
         step_loss = distributed.step_function(ctx, model, _step_loss)  # DDP-wrapped under torchrun
+        if ctx.enabled and tc.max_seconds:
+            # each rank's clock would end training at a different step and hang the others
+            raise ConfigError(
+                "train.max_seconds is not supported with several processes yet; set "
+                "train.max_seconds=0 and bound the run with train.epochs"
+            )
+        budget = _Budget(tc.max_seconds, progress)
         for epoch in range(progress.next_epoch, tc.epochs + 1):
             if progress.stopped:
                 break
@@ -561,11 +588,14 @@ def train(
                     opt.step()
                 step += 1
                 total_loss += loss_value
-                if step % tc.log_every == 0:
-                    log.write(step, **{"train/loss": loss_value, "train/epoch": epoch})
-                    bar.set_postfix(loss=f"{loss_value:.4f}")
                 if refresher is not None:
                     monitor.after_step(refresher, schedule, step, epoch_end=False, log=log)
+                if step % tc.log_every == 0:
+                    log.write(step, **{"train/loss": loss_value, "train/epoch": epoch})
+                    bar.set_postfix(_postfix(loss_value, monitor), refresh=False)
+                if budget.spent():
+                    batches = batches[:position]  # the epoch ends here; so does training
+                    break
                 # the epoch-end checkpoint below covers the last batch
                 if (
                     tc.checkpoint_every
@@ -589,12 +619,12 @@ def train(
                     "train/epoch_seconds": seconds,
                 },
             )
-            if epoch % tc.eval_every and epoch != tc.epochs:
+            if epoch % tc.eval_every and epoch != tc.epochs and not budget.spent():
                 logger.info("epoch %d: loss %.4f (%.1f s)", epoch, mean_loss, seconds)
             else:
                 valid = distributed.broadcast(
                     ctx,
-                    evaluate_model(model, prepared, "valid", config, device)
+                    evaluate_model(model, prepared, "valid", config, device, tc.valid_users or None)
                     if ctx.is_main
                     else None,
                 )
@@ -623,6 +653,9 @@ def train(
                             "early stop at epoch %d (best epoch %d)", epoch, progress.best_epoch
                         )
                         progress.stopped = True
+            if budget.spent():
+                logger.info("train.max_seconds=%g spent at step %d", tc.max_seconds, step)
+                progress.stopped = True
             progress.step, progress.next_epoch, progress.next_batch = step, epoch + 1, 0
             progress.epoch_loss_sum = progress.epoch_elapsed = 0.0
             last_checkpoint = save(order_generator.get_state())
@@ -660,6 +693,8 @@ def train(
         "valid": valid,
         "test": test,
     }
+    if prepared.catalog is not None:
+        results.update(_oracle_results(prepared, config, test))
     checkpoint_mod.atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     # Checkpoints exist to resume an interrupted run; a finished run's outputs are best.pt and
     # results.json (and at a million items three checkpoints hold gigabytes).
@@ -668,6 +703,57 @@ def train(
     distributed.broadcast(ctx, results)
     distributed.close(ctx)
     return results
+
+
+def _set_faiss_threads(count: int) -> None:
+    """FAISS's OpenMP pool follows ``train.num_threads`` too (on a shared machine an idle-spinning
+    pool of every core's threads costs more than it searches)."""
+    try:
+        import faiss
+    except ImportError:  # faiss is optional; without it there is no index to search
+        return
+    faiss.omp_set_num_threads(count)
+
+
+class _Budget:
+    """``train.max_seconds`` of wall clock for the training loop (0 = none); resumes keep counting."""
+
+    def __init__(self, seconds: float, progress: Progress) -> None:
+        self.seconds = seconds
+        self.start = time.perf_counter() - sum(progress.epoch_seconds) - progress.epoch_elapsed
+
+    def spent(self) -> bool:
+        return bool(self.seconds) and time.perf_counter() - self.start >= self.seconds
+
+
+def _postfix(loss: float, monitor: StalenessMonitor | None) -> dict[str, str]:
+    """The progress bar's figures: loss, and the index recall of the last staleness probe."""
+    figures = {"loss": f"{loss:.4f}"}
+    if monitor is not None and monitor.last_recall is not None:
+        figures["recall@k"] = f"{monitor.last_recall:.3f}"
+    return figures
+
+
+def _oracle_results(prepared: Prepared, config: RunConfig, test: dict[str, float]) -> dict:
+    """The synthetic catalog's oracle on the same test users, and the model's share of it."""
+    from annsample.synthetic import oracle_metrics
+
+    split = prepared.split
+    inputs, targets = data_mod.eval_tensors(split, "test", config.data.max_len)
+    indptr, items = data_mod.history_csr(split, "test")
+    users = eval_users(split.n_users, config.train.eval_users, config.seed)
+    oracle, _ = oracle_metrics(prepared.catalog, inputs, targets, indptr, items, users)
+    fraction = {
+        key: (test[key] / oracle[key] if oracle[key] else 0.0) for key in ("ndcg@10", "hr@10")
+    }
+    logger.info(
+        "oracle: ndcg@10 %.4f hr@10 %.4f; the model reaches %.2f / %.2f of it",
+        oracle["ndcg@10"],
+        oracle["hr@10"],
+        fraction["ndcg@10"],
+        fraction["hr@10"],
+    )
+    return {"oracle": oracle, "fraction_of_oracle": fraction}
 
 
 def _resume_point(out: Path) -> tuple[Path, dict[str, Any], list[Path]]:
@@ -818,6 +904,7 @@ class StalenessMonitor:
         from annsample.staleness import BuiltSnapshots
 
         self.snapshots = BuiltSnapshots(value)
+        self.last_recall: float | None = None  # shown on the progress bar
 
     def measure(self) -> dict[str, float]:
         from annsample.staleness import measure_staleness
@@ -860,6 +947,8 @@ class StalenessMonitor:
             # built once published (at once when synchronous; a skipped async request never is)
             self.snapshots.requested(step, snapshot)
             self.snapshots.sync(refresher.current().version)
+        if "index/recall@k" in stats:
+            self.last_recall = stats["index/recall@k"]
         if stats:
             log.write(step, **stats, **refresher.stats(step))
 

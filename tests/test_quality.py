@@ -1,0 +1,70 @@
+"""annsample.quality: the model-free transition-count reference, the table and the plot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from annsample import data as data_mod
+from annsample.quality import plot_curves, quality_table, read_run, transition_count_ranks
+from annsample.synthetic import synthetic_catalog
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANNSAMPLE_CACHE", str(tmp_path / "cache"))
+
+
+def test_transition_counts_match_a_dense_ranking():
+    _, ds = synthetic_catalog(800, n_users=1500, seed=1, cluster_size=40)
+    split = data_mod.leave_one_out(ds)
+    n = split.n_items
+    inputs, targets = data_mod.eval_tensors(split, "test", 20)
+    indptr, items = data_mod.history_csr(split, "test")
+    users = np.arange(300)
+    history = data_mod.pad_rows(indptr, items, users, 0)
+    ranks = transition_count_ranks(
+        split.train_indptr, split.train_items, n, inputs[users, -1], targets[users], history
+    )
+    pairs = np.zeros((n + 1, n + 1))
+    for u in range(split.n_users):
+        seq = split.train_items[split.train_indptr[u] : split.train_indptr[u + 1]]
+        np.add.at(pairs, (seq[:-1], seq[1:]), 1.0)
+    popularity = np.bincount(split.train_items, minlength=n + 1).astype(float)
+    for q, u in enumerate(users):
+        score = pairs[inputs[u, -1]] * 1e6 + popularity
+        score[0] = -np.inf
+        target = targets[u]
+        best = score[target]
+        score[history[q][history[q] > 0]] = -np.inf
+        score[target] = -np.inf
+        assert ranks[q] == int((score > best).sum())
+    assert (ranks < 10).mean() > 0.1  # the data is learnable from transitions alone
+
+
+def test_table_and_plot_read_a_finished_run(tmp_path):
+    from annsample.config import load_config
+    from annsample.train import train
+
+    config = load_config(
+        "configs/tiny.yaml",
+        (
+            "data.path=synthetic",
+            "data.synthetic_items=2000",
+            "data.synthetic_users=800",
+            "data.max_len=20",
+            "train.num_threads=1",
+            "train.epochs=2",
+            "train.max_steps_per_epoch=3",
+        ),
+    )
+    train(config, tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    assert run["catalog_size"] == 2000 and len(run["curve"]) == 2
+    table = quality_table([run])
+    assert "| 2,000 | uniform bce |" in table and "oracle" in table
+    with pytest.raises(FileNotFoundError, match="not a finished run folder"):
+        read_run(tmp_path)
+    pytest.importorskip("matplotlib", reason="the plot needs the optional matplotlib (.[plot])")
+    plot_curves([run], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
