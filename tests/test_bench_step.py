@@ -13,7 +13,7 @@ from annsample.bench_step import ann_marginal, bench_step, dns_probabilities, po
 from annsample.errors import ConfigError
 from annsample.samplers import AnnSampler, DNSSampler, Exclusions, PoolSampler, genni_log_probs
 from annsample.staleness import allowed_percentiles
-from cli.main import main
+from annsample.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 N, D, Q = 600, 8, 3
