@@ -10,10 +10,10 @@ import torch
 from click.testing import CliRunner
 
 from annsample.bench_step import ann_marginal, bench_step, dns_probabilities, pool_marginal
+from annsample.cli.main import main
 from annsample.errors import ConfigError
 from annsample.samplers import AnnSampler, DNSSampler, Exclusions, PoolSampler, genni_log_probs
 from annsample.staleness import allowed_percentiles
-from annsample.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
 N, D, Q = 600, 8, 3
