@@ -893,6 +893,7 @@ class StalenessMonitor:
             ic.refresh == "adaptive" or ic.probe_every > 0 or split.n_items <= 2_000_000
         )
         self.snapshots = BuiltSnapshots(_index_snapshot(model) if self.keep_built else None)
+        self.last_recall: float | None = None  # shown on the progress bar
 
     @property
     def built(self) -> torch.Tensor | None:
@@ -904,7 +905,6 @@ class StalenessMonitor:
         from annsample.staleness import BuiltSnapshots
 
         self.snapshots = BuiltSnapshots(value)
-        self.last_recall: float | None = None  # shown on the progress bar
 
     def measure(self) -> dict[str, float]:
         from annsample.staleness import measure_staleness
