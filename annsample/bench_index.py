@@ -107,13 +107,14 @@ def index_sweep(
     jobs += [("ivf_hnsw", nlist, "ip") for nlist in nlists if "ivf_hnsw" in kinds]
     jobs += [("hnsw", 0, "ip")] if "hnsw" in kinds else []
     jobs += [("exact", 0, "ip")] if "exact" in kinds else []
+    rows = torch.arange(n)  # results are compared with exact_topk, which returns row numbers
     for kind, nlist, metric in tqdm(jobs, desc="index configs", disable=not show_progress):
         if nlist > n:
             raise ConfigError(f"nlist={nlist} is more than the {n} items; lower it")
         t0 = time.perf_counter()
         if kind == "ivf_flat":
             index = ItemIndex(d, nlist=nlist, nprobe=1, backend="faiss", metric=metric, seed=seed)
-            index.build(xb)
+            index.build(xb, ids=rows)
             build = time.perf_counter() - t0
             t0 = time.perf_counter()
             index.re_add(xb, step=1)
@@ -145,7 +146,7 @@ def index_sweep(
                         build_seconds=round(build, 3),
                     )  # fmt: skip
         elif kind == "exact":
-            index = ItemIndex(d, nlist=1, nprobe=1, backend="exact").build(xb)
+            index = ItemIndex(d, nlist=1, nprobe=1, backend="exact").build(xb, ids=rows)
             build = time.perf_counter() - t0
             ms, I = _search_ms(index.search, xq, k, repeats)
             record(

@@ -50,7 +50,7 @@ def metric_recall(
     for metric in tqdm(metrics, desc="metrics", disable=not show_progress):
         index = ItemIndex(
             xb.shape[1], nlist=nlist, nprobe=1, backend="faiss", metric=metric, seed=seed
-        ).build(xb)
+        ).build(xb, ids=torch.arange(xb.shape[0]))
         largest = int(index.list_sizes().max())
         for nprobe in nprobes:
             index.nprobe = nprobe

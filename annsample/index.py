@@ -405,9 +405,10 @@ class ItemIndex:
 
         Args:
             xb: (N, d) float32 item embeddings (e.g. the item table without its padding row).
-            ids: (N,) int64 non-negative unique ids returned by ``search``; default arange(N), row
-                numbers. For ``AnnSampler`` pass item ids, ``torch.arange(1, N + 1)`` for the table
-                without its padding row: it refuses an index that returns id 0 (padding).
+            ids: (N,) int64 non-negative unique ids returned by ``search``. The default is the
+                item ids the samplers expect, ``torch.arange(1, N + 1)``: row r of ``xb`` is item
+                r + 1, as for an item table without its padding row. Pass ``torch.arange(N)`` to
+                get row numbers back instead.
             step: the training step these embeddings come from; becomes ``version``.
 
         Returns:
@@ -658,7 +659,7 @@ class ItemIndex:
 
     def _check_ids(self, ids: Any, n: int, device: torch.device) -> torch.Tensor:
         if ids is None:
-            return torch.arange(n, device=device)
+            return torch.arange(1, n + 1, device=device)
         if not isinstance(ids, torch.Tensor) or ids.dim() != 1 or ids.shape[0] != n:
             shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise ItemIndexError(

@@ -110,7 +110,7 @@ def test_recall_at_k_hand_computed():
 
 @pytest.mark.parametrize("metric", ["ip", "l2_augmented", "cosine"])
 def test_nprobe_equal_nlist_is_exact(metric, mixture, queries):
-    index = faiss_index(metric, nlist=32, nprobe=32).build(mixture)
+    index = faiss_index(metric, nlist=32, nprobe=32).build(mixture, ids=torch.arange(len(mixture)))
     D, I = index.search(queries, 10)
     if metric == "cosine":
         scores = queries @ torch.nn.functional.normalize(mixture, dim=1).T
@@ -126,7 +126,7 @@ def test_nprobe_equal_nlist_is_exact(metric, mixture, queries):
 def test_scores_are_true_inner_products_sorted_descending(metric, queries):
     # Widely varying norms, where cosine and augmented scores would differ from xq · x.
     xb = gaussian_mixture(3000) * torch.linspace(0.1, 5, 3000)[:, None]
-    index = faiss_index(metric, nprobe=8).build(xb)
+    index = faiss_index(metric, nprobe=8).build(xb, ids=torch.arange(len(xb)))
     D, I = index.search(queries, 20)
     assert (I >= 0).all()
     torch.testing.assert_close(D, (queries[:, None, :] * xb[I]).sum(-1), rtol=1e-4, atol=1e-3)
@@ -136,7 +136,7 @@ def test_scores_are_true_inner_products_sorted_descending(metric, queries):
 @pytest.mark.parametrize("metric", ["ip", "l2_augmented"])
 def test_recall_never_drops_as_nprobe_grows(metric, mixture, queries):
     _, I_exact = exact_topk(queries, mixture, 20)
-    index = faiss_index(metric, nlist=32).build(mixture)
+    index = faiss_index(metric, nlist=32).build(mixture, ids=torch.arange(len(mixture)))
     recalls = []
     for nprobe in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32):
         index.nprobe = nprobe
@@ -154,13 +154,13 @@ def test_l2_augmented_beats_plain_ip_when_a_few_items_have_large_norms():
     _, I_exact = exact_topk(xq, xb, 20)
     recall = {}
     for metric in ("ip", "l2_augmented"):
-        index = ItemIndex(32, nlist=64, nprobe=8, backend="faiss", metric=metric).build(xb)
+        index = ItemIndex(32, nlist=64, nprobe=8, backend="faiss", metric=metric).build(xb, ids=torch.arange(len(xb)))
         recall[metric] = recall_at_k(index.search(xq, 20)[1], I_exact)
     assert recall["l2_augmented"] >= recall["ip"], recall
 
 
 def test_re_add_with_unchanged_embeddings_reproduces_search_exactly(mixture, queries):
-    index = faiss_index(nprobe=3).build(mixture, step=5)
+    index = faiss_index(nprobe=3).build(mixture, ids=torch.arange(len(mixture)), step=5)
     D0, I0 = index.search(queries, 15)
     centroids = index.centroids
     index.re_add(mixture, step=9)
@@ -178,7 +178,7 @@ def test_re_add_with_unchanged_embeddings_reproduces_search_exactly(mixture, que
 
 
 def test_re_add_follows_moved_embeddings(mixture, queries):
-    index = faiss_index(nprobe=32).build(mixture)
+    index = faiss_index(nprobe=32).build(mixture, ids=torch.arange(len(mixture)))
     moved = mixture.flip(0)  # same vectors, different items
     index.re_add(moved, step=1)
     assert torch.equal(index.search(queries, 5)[1], exact_topk(queries, moved, 5)[1])
@@ -197,7 +197,7 @@ def test_re_add_on_drifting_embeddings_never_does_worse_than_no_refresh(metric, 
     )
     moved[:12] *= 1 + 3 * drift
     _, I_moved = exact_topk(queries, moved, 50)
-    index = faiss_index(metric, nlist=48, nprobe=4).build(xb)
+    index = faiss_index(metric, nlist=48, nprobe=4).build(xb, ids=torch.arange(len(xb)))
     largest_built = int(index.list_sizes().max())
     stale = recall_at_k(index.search(queries, 50)[1], I_moved)
     index.re_add(moved, step=1)
@@ -208,7 +208,7 @@ def test_re_add_on_drifting_embeddings_never_does_worse_than_no_refresh(metric, 
 
 def test_l2_augmented_re_add_keeps_the_centroids_augmentation_and_retrain_renews_it(queries):
     xb = gaussian_mixture(4000, seed=3)
-    index = faiss_index("l2_augmented", nlist=32, nprobe=32).build(xb)
+    index = faiss_index("l2_augmented", nlist=32, nprobe=32).build(xb, ids=torch.arange(len(xb)))
     built_norm = index.state_dict(with_vectors=False)["max_norm"]
     assert built_norm == pytest.approx(float(xb.norm(dim=1).max()), rel=1e-5)
     grown = xb * 2.0
@@ -223,7 +223,7 @@ def test_l2_augmented_re_add_keeps_the_centroids_augmentation_and_retrain_renews
 
 
 def test_retrain_changes_centroids_and_keeps_recall(mixture, queries):
-    index = faiss_index(nprobe=4).build(mixture)
+    index = faiss_index(nprobe=4).build(mixture, ids=torch.arange(len(mixture)))
     _, I_exact = exact_topk(queries, mixture, 20)
     recall_built = recall_at_k(index.search(queries, 20)[1], I_exact)
     centroids = index.centroids
@@ -238,9 +238,9 @@ def test_retrain_changes_centroids_and_keeps_recall(mixture, queries):
 
 
 def test_build_is_deterministic_under_a_seed(mixture):
-    a = faiss_index(seed=3, max_train_points=1000).build(mixture).centroids
-    b = faiss_index(seed=3, max_train_points=1000).build(mixture).centroids
-    c = faiss_index(seed=4, max_train_points=1000).build(mixture).centroids
+    a = faiss_index(seed=3, max_train_points=1000).build(mixture, ids=torch.arange(len(mixture))).centroids
+    b = faiss_index(seed=3, max_train_points=1000).build(mixture, ids=torch.arange(len(mixture))).centroids
+    c = faiss_index(seed=4, max_train_points=1000).build(mixture, ids=torch.arange(len(mixture))).centroids
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -266,7 +266,7 @@ def test_custom_ids_are_returned(mixture, queries):
 
 
 def test_exact_backend_matches_reference(mixture, queries):
-    index = ItemIndex(D_MODEL, backend="exact").build(mixture, step=2)
+    index = ItemIndex(D_MODEL, backend="exact").build(mixture, ids=torch.arange(len(mixture)), step=2)
     assert index.backend == "exact" and index.centroids is None
     D, I = index.search(queries, 10)
     D_ref, I_ref = exact_topk(queries, mixture, 10)
@@ -274,7 +274,7 @@ def test_exact_backend_matches_reference(mixture, queries):
     torch.testing.assert_close(D, D_ref)
     # It keeps a copy: training may update the caller's table in place.
     table = mixture.clone()
-    index.build(table)
+    index.build(table, ids=torch.arange(len(table)))
     table.mul_(-1)
     assert torch.equal(index.search(queries, 10)[1], I_ref)
 
@@ -282,12 +282,12 @@ def test_exact_backend_matches_reference(mixture, queries):
 def test_auto_backend_resolves_to_faiss_on_cpu(mixture):
     index = ItemIndex(D_MODEL, nlist=16, nprobe=4, backend="auto")
     assert index.backend == "auto"
-    index.build(mixture)
+    index.build(mixture, ids=torch.arange(len(mixture)))
     assert index.backend == "faiss"
 
 
 def test_concurrent_searches_agree_with_sequential(mixture, queries):
-    index = faiss_index(nprobe=6).build(mixture)
+    index = faiss_index(nprobe=6).build(mixture, ids=torch.arange(len(mixture)))
     expected = index.search(queries, 10)
     results, errors = [], []
 
@@ -312,9 +312,9 @@ def test_small_training_set_warns_once(caplog, monkeypatch):
     monkeypatch.setattr(index_module, "_warned_small_training_sets", set())
     xb = gaussian_mixture(300)
     with caplog.at_level(logging.WARNING, logger="annsample.index"):
-        index = faiss_index(nlist=16).build(xb)
+        index = faiss_index(nlist=16).build(xb, ids=torch.arange(len(xb)))
         index.retrain(xb, step=1)
-        faiss_index(nlist=16).build(xb)
+        faiss_index(nlist=16).build(xb, ids=torch.arange(len(xb)))
     warnings = [r for r in caplog.records if "39 per centroid" in r.getMessage()]
     assert len(warnings) == 1
 
@@ -322,7 +322,7 @@ def test_small_training_set_warns_once(caplog, monkeypatch):
 def test_max_train_points_subsamples(mixture, caplog):
     # 40 points per centroid: enough for FAISS's advice, a tenth of the data.
     with caplog.at_level(logging.WARNING, logger="annsample.index"):
-        index = faiss_index(nlist=10, max_train_points=400, nprobe=10).build(mixture)
+        index = faiss_index(nlist=10, max_train_points=400, nprobe=10).build(mixture, ids=torch.arange(len(mixture)))
     assert not caplog.records
     assert index.ntotal == mixture.shape[0]
 
@@ -347,19 +347,19 @@ def test_state_dict_round_trip_gives_identical_results(metric, mixture, queries)
 
 
 def test_state_dict_of_exact_backend_round_trips(mixture, queries):
-    index = ItemIndex(D_MODEL, backend="exact", metric="cosine").build(mixture, step=3)
+    index = ItemIndex(D_MODEL, backend="exact", metric="cosine").build(mixture, ids=torch.arange(len(mixture)), step=3)
     restored = ItemIndex.from_state_dict(index.state_dict())
     assert restored.backend == "exact" and restored.version == 3
     assert torch.equal(restored.search(queries, 8)[1], index.search(queries, 8)[1])
 
 
 def test_load_state_dict_rejects_mismatched_settings(mixture):
-    state = faiss_index(nlist=32).build(mixture).state_dict(with_vectors=False)
+    state = faiss_index(nlist=32).build(mixture, ids=torch.arange(len(mixture))).state_dict(with_vectors=False)
     with pytest.raises(ItemIndexError, match=r"nlist=32 but this index has nlist=16"):
         faiss_index(nlist=16).load_state_dict(state)
     with pytest.raises(ItemIndexError, match="not an ItemIndex state_dict"):
         faiss_index().load_state_dict({"weights": 1})
-    exact_state = ItemIndex(D_MODEL, nlist=32, backend="exact").build(mixture).state_dict()
+    exact_state = ItemIndex(D_MODEL, nlist=32, backend="exact").build(mixture, ids=torch.arange(len(mixture))).state_dict()
     with pytest.raises(ItemIndexError, match="has no centroids"):
         faiss_index().load_state_dict(exact_state)
 
@@ -470,7 +470,7 @@ def test_search_and_refresh_validate_their_input(mixture, queries):
         empty.re_add(mixture, step=1)
     with pytest.raises(ItemIndexError, match=r"retrain needs a built index"):
         empty.retrain(mixture, step=1)
-    index = faiss_index().build(mixture)
+    index = faiss_index().build(mixture, ids=torch.arange(len(mixture)))
     with pytest.raises(
         ItemIndexError, match=r"k=0 must be between 1 and the number of indexed items ntotal=4000"
     ):

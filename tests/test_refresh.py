@@ -190,7 +190,7 @@ def test_embedding_drift():
 @pytest.mark.parametrize("asynchronous", [False, True])
 def test_refresher_publishes_each_kind_with_its_version(asynchronous):
     with IndexRefresher(exact_factory, asynchronous=asynchronous) as refresher:
-        first = refresher.build(embeddings_at(0), step=0)
+        first = refresher.build(embeddings_at(0), ids=torch.arange(N), step=0)
         centroids = first.centroids
         refresher.request("re_add", embeddings_at(10), step=10)
         refresher.wait()
@@ -232,7 +232,7 @@ def test_async_request_returns_at_once_and_keeps_only_the_latest():
     GatedIndex.started.clear()
     queries = embeddings_at(0)[:50]
     with IndexRefresher(gated_factory, asynchronous=True) as refresher:
-        refresher.build(embeddings_at(0), step=0)
+        refresher.build(embeddings_at(0), ids=torch.arange(N), step=0)
         start = time.perf_counter()
         refresher.request("re_add", embeddings_at(1), step=1)
         assert GatedIndex.started.wait(timeout=30)
@@ -264,7 +264,7 @@ def test_worker_threads_apply_to_the_background_thread_only():
 
     before = faiss.omp_get_max_threads()
     with IndexRefresher(factory, asynchronous=True, worker_threads=1) as refresher:
-        refresher.build(embeddings_at(0), step=0)
+        refresher.build(embeddings_at(0), ids=torch.arange(N), step=0)
         refresher.request("re_add", embeddings_at(1), step=1)
         refresher.wait()
     assert seen["annsample-index-refresh"] == 1
@@ -281,7 +281,7 @@ def test_async_swaps_never_expose_a_half_built_index():
     stop = threading.Event()
 
     with IndexRefresher(exact_factory, asynchronous=True) as refresher:
-        refresher.build(embeddings_at(0), step=0)
+        refresher.build(embeddings_at(0), ids=torch.arange(N), step=0)
 
         def search_continuously():
             while not stop.is_set():
@@ -318,7 +318,7 @@ def test_background_failure_surfaces_in_the_training_thread(asynchronous):
     broken = embeddings_at(5)
     broken[17, 3] = float("nan")
     refresher = IndexRefresher(exact_factory, asynchronous=asynchronous)
-    refresher.build(embeddings_at(0), step=0)
+    refresher.build(embeddings_at(0), ids=torch.arange(N), step=0)
     if asynchronous:
         refresher.request("re_add", broken, step=5)  # the snapshot is validated on the worker
         with pytest.raises(
@@ -340,7 +340,7 @@ def test_failure_is_raised_by_poll_and_close_too():
     broken = embeddings_at(1)
     broken[0, 0] = float("inf")
     refresher = IndexRefresher(exact_factory, asynchronous=True)
-    refresher.build(embeddings_at(0), step=0)
+    refresher.build(embeddings_at(0), ids=torch.arange(N), step=0)
     refresher.request("re_add", broken, step=1)
     deadline = time.monotonic() + 30
     with pytest.raises(ItemIndexError, match="NaN or inf"):
@@ -362,7 +362,7 @@ def test_refresher_validates_its_use():
         ItemIndexError, match=r"nothing to refresh yet: call build\(xb, step\) first"
     ):
         refresher.request("re_add", embeddings_at(0), step=1)
-    refresher.build(embeddings_at(0), step=0)
+    refresher.build(embeddings_at(0), ids=torch.arange(N), step=0)
     with pytest.raises(
         ItemIndexError, match="unknown refresh kind 'rebuild'; choose one of re_add, retrain"
     ):
@@ -382,7 +382,7 @@ def test_refresher_works_with_the_exact_backend():
     with IndexRefresher(
         lambda: ItemIndex(DIM, nlist=NLIST, nprobe=1, backend="exact")
     ) as refresher:
-        refresher.build(embeddings_at(0), step=0)
+        refresher.build(embeddings_at(0), ids=torch.arange(N), step=0)
         for step, kind in ((3, "re_add"), (6, "retrain")):
             refresher.request(kind, embeddings_at(step), step=step)
             index = refresher.current()

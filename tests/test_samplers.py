@@ -472,13 +472,21 @@ def test_exclusions_reject_malformed_input(history, row, positives, message):
         Exclusions(history, row, positives, N)
 
 
-def test_ann_refuses_an_index_that_returns_row_numbers_instead_of_item_ids(problem):
+def test_ann_accepts_default_item_ids_and_refuses_an_index_of_row_numbers(problem):
     from annsample.index import ItemIndex
 
     queries, items, exclusions = problem
-    rows = ItemIndex(D, nlist=2, nprobe=2, backend="faiss").build(items[1:].contiguous())
+    table = items[1:].contiguous()
+    rows = ItemIndex(D, nlist=2, nprobe=2, backend="faiss").build(table, ids=torch.arange(N))
     with pytest.raises(SamplerError, match=r"ids=torch.arange\(1, N \+ 1\)"):
         AnnSampler(rows, candidates=N)
+    # the default ids are the item ids the samplers expect: no ids needed for the table[1:] case
+    default = ItemIndex(D, nlist=2, nprobe=2, backend="faiss").build(table)
+    assert torch.equal(default.ids, torch.arange(1, N + 1))
+    negatives = AnnSampler(default, candidates=N).sample(
+        queries, items, exclusions, 1, torch.Generator().manual_seed(0)
+    )
+    assert int(negatives.ids.min()) >= 1 and int(negatives.ids.max()) <= N
     # an index the sampler cannot inspect is caught at the first search that returns id 0
     wrapped = BruteForceIndex(items[1:], torch.arange(N))
     with pytest.raises(SamplerError, match="returns item id 0, which is padding"):

@@ -67,12 +67,12 @@ def torch_index(metric: str = "ip", nlist: int = 32, nprobe: int = 4, **kwargs) 
 @pytest.mark.parametrize("metric", METRICS)
 def test_nprobe_equal_nlist_is_exact(metric, device, mixture, queries):
     xb, xq = mixture.to(device), queries.to(device)
-    index = torch_index(metric, nlist=32, nprobe=32).build(xb)
+    index = torch_index(metric, nlist=32, nprobe=32).build(xb, ids=torch.arange(len(xb)))
     assert index.backend == "torch_ivf"
     D, I = index.search(xq, 10)
     assert D.device == xq.device and I.device == xq.device
     # The exact backend with the same metric is the reference (cosine ranks by cosine).
-    D_ref, I_ref = ItemIndex(D_MODEL, backend="exact", metric=metric).build(xb).search(xq, 10)
+    D_ref, I_ref = ItemIndex(D_MODEL, backend="exact", metric=metric).build(xb, ids=torch.arange(len(xb))).search(xq, 10)
     assert torch.equal(I.cpu(), I_ref.cpu())
     torch.testing.assert_close(D.cpu(), D_ref.cpu(), rtol=1e-5, atol=1e-4)
 
@@ -81,7 +81,7 @@ def test_nprobe_equal_nlist_is_exact(metric, device, mixture, queries):
 @pytest.mark.parametrize("metric", ["ip", "l2_augmented"])
 def test_recall_against_exact_is_monotone_in_nprobe(metric, device, mixture, queries):
     xb, xq = mixture.to(device), queries.to(device)
-    index = torch_index(metric, nlist=64, nprobe=1).build(xb)
+    index = torch_index(metric, nlist=64, nprobe=1).build(xb, ids=torch.arange(len(xb)))
     _, I_exact = exact_topk(xq, xb, 20)
     recalls = []
     for nprobe in (1, 2, 4, 8, 16, 32, 64):
@@ -98,7 +98,7 @@ def test_scores_are_true_inner_products_for_every_metric(queries):
     # Widely varying norms, where cosine and augmented scores would differ from xq · x.
     xb = gaussian_mixture(3000) * torch.linspace(0.1, 5, 3000)[:, None]
     for metric in METRICS:
-        D, I = torch_index(metric, nprobe=8).build(xb).search(queries, 20)
+        D, I = torch_index(metric, nprobe=8).build(xb, ids=torch.arange(len(xb))).search(queries, 20)
         real = I >= 0
         true = (queries[:, None, :] * xb[I.clamp(min=0)]).sum(-1)
         torch.testing.assert_close(D[real], true[real], rtol=1e-5, atol=1e-4)
@@ -183,7 +183,7 @@ def test_lists_are_rows_sorted_by_nearest_centroid(mixture):
 
 def test_lists_hold_a_private_copy(mixture, queries):
     xb = mixture.clone()
-    index = torch_index(nprobe=32).build(xb)
+    index = torch_index(nprobe=32).build(xb, ids=torch.arange(len(xb)))
     D0, I0 = index.search(queries, 5)
     xb.mul_(-1)  # the caller's table keeps training after the build
     D1, I1 = index.search(queries, 5)
@@ -196,7 +196,7 @@ def test_lists_hold_a_private_copy(mixture, queries):
 @pytest.mark.parametrize("device", DEVICES)
 def test_re_add_keeps_centroids_and_follows_moved_embeddings(device, mixture, queries):
     xb, xq = mixture.to(device), queries.to(device)
-    index = torch_index(nprobe=3).build(xb, step=5)
+    index = torch_index(nprobe=3).build(xb, ids=torch.arange(len(xb)), step=5)
     D0, I0 = index.search(xq, 15)
     centroids = index.centroids
     index.re_add(xb, step=9)
@@ -213,7 +213,7 @@ def test_re_add_keeps_centroids_and_follows_moved_embeddings(device, mixture, qu
 @pytest.mark.parametrize("device", DEVICES)
 def test_retrain_is_warm_started_and_keeps_recall(device, mixture, queries):
     xb, xq = mixture.to(device), queries.to(device)
-    index = torch_index(nprobe=4).build(xb)
+    index = torch_index(nprobe=4).build(xb, ids=torch.arange(len(xb)))
     _, I_exact = exact_topk(xq, xb, 20)
     recall_built = recall_at_k(index.search(xq, 20)[1], I_exact)
     centroids = index.centroids
@@ -233,7 +233,7 @@ def test_retrain_is_warm_started_and_keeps_recall(device, mixture, queries):
 
 
 def test_retrain_with_zero_iterations_is_a_re_add(mixture, queries):
-    index = torch_index(nprobe=4, kmeans_iters=3).build(mixture)
+    index = torch_index(nprobe=4, kmeans_iters=3).build(mixture, ids=torch.arange(len(mixture)))
     index.kmeans_iters = 0
     centroids = index.centroids
     index.retrain(mixture.flip(0), step=1)
@@ -271,7 +271,7 @@ def test_state_dict_round_trips(metric, mixture, queries):
 @pytest.mark.parametrize("metric", METRICS)
 def test_same_centroids_give_the_same_lists_and_results_as_faiss(metric, mixture, queries):
     faiss_ivf = ItemIndex(D_MODEL, nlist=32, nprobe=4, backend="faiss", metric=metric)
-    faiss_ivf.build(mixture, step=3)
+    faiss_ivf.build(mixture, ids=torch.arange(len(mixture)), step=3)
     torch_ivf_index = torch_index(metric, nprobe=4)
     torch_ivf_index.load_state_dict(faiss_ivf.state_dict())
     # Same list sizes: the FAISS inverted lists and the torch offsets hold the same rows.
@@ -289,8 +289,8 @@ def test_same_centroids_give_the_same_lists_and_results_as_faiss(metric, mixture
 def test_recall_matches_faiss_over_nprobe(mixture, queries):
     """Built independently (own k-means on each side), the two backends reach the same recall."""
     _, I_exact = exact_topk(queries, mixture, 20)
-    faiss_ivf = ItemIndex(D_MODEL, nlist=64, nprobe=1, backend="faiss").build(mixture)
-    torch_ivf_index = torch_index(nlist=64, nprobe=1).build(mixture)
+    faiss_ivf = ItemIndex(D_MODEL, nlist=64, nprobe=1, backend="faiss").build(mixture, ids=torch.arange(len(mixture)))
+    torch_ivf_index = torch_index(nlist=64, nprobe=1).build(mixture, ids=torch.arange(len(mixture)))
     for nprobe in (1, 4, 16):
         faiss_ivf.nprobe = torch_ivf_index.nprobe = nprobe
         recall_f = recall_at_k(faiss_ivf.search(queries, 20)[1], I_exact)
@@ -303,7 +303,7 @@ def test_recall_matches_faiss_over_nprobe(mixture, queries):
 
 def test_torch_ivf_runs_and_auto_picks_it_without_faiss(monkeypatch, mixture, queries):
     monkeypatch.setattr(index_module, "faiss", None)
-    index = ItemIndex(D_MODEL, nlist=16, nprobe=16, backend="auto").build(mixture)
+    index = ItemIndex(D_MODEL, nlist=16, nprobe=16, backend="auto").build(mixture, ids=torch.arange(len(mixture)))
     assert index.backend == "torch_ivf"
     assert torch.equal(index.search(queries, 5)[1], exact_topk(queries, mixture, 5)[1])
     with pytest.raises(ItemIndexError, match="needs the faiss package.*torch_ivf"):
@@ -312,7 +312,7 @@ def test_torch_ivf_runs_and_auto_picks_it_without_faiss(monkeypatch, mixture, qu
 
 @needs_faiss
 def test_auto_still_picks_faiss_on_cpu(mixture):
-    assert ItemIndex(D_MODEL, nlist=16, nprobe=4, backend="auto").build(mixture).backend == "faiss"
+    assert ItemIndex(D_MODEL, nlist=16, nprobe=4, backend="auto").build(mixture, ids=torch.arange(len(mixture))).backend == "faiss"
 
 
 @pytest.mark.gpu
