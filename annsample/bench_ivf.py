@@ -112,7 +112,9 @@ def bench_size(
         )  # fmt: skip
     for backend in available_backends(device):
         start = time.perf_counter()
-        index = ItemIndex(dim, nlist=nlist, nprobe=1, backend=backend, seed=seed).build(xb, ids=torch.arange(n))
+        index = ItemIndex(dim, nlist=nlist, nprobe=1, backend=backend, seed=seed).build(
+            xb, ids=torch.arange(n)
+        )
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         records.append(

@@ -106,7 +106,9 @@ def bench_one(
             progress.set_postfix(n=n, phase=phase)
             progress.update(1)
 
-    build_s, build_all = _median_seconds(lambda: index.build(xb, ids=torch.arange(n), step=0), repeats)
+    build_s, build_all = _median_seconds(
+        lambda: index.build(xb, ids=torch.arange(n), step=0), repeats
+    )
     tick("build")
     step = iter(range(1, 10 * repeats + 1))
     re_add_s, re_add_all = _median_seconds(lambda: index.re_add(moved, step=next(step)), repeats)

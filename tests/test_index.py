@@ -154,7 +154,9 @@ def test_l2_augmented_beats_plain_ip_when_a_few_items_have_large_norms():
     _, I_exact = exact_topk(xq, xb, 20)
     recall = {}
     for metric in ("ip", "l2_augmented"):
-        index = ItemIndex(32, nlist=64, nprobe=8, backend="faiss", metric=metric).build(xb, ids=torch.arange(len(xb)))
+        index = ItemIndex(32, nlist=64, nprobe=8, backend="faiss", metric=metric).build(
+            xb, ids=torch.arange(len(xb))
+        )
         recall[metric] = recall_at_k(index.search(xq, 20)[1], I_exact)
     assert recall["l2_augmented"] >= recall["ip"], recall
 
@@ -238,9 +240,21 @@ def test_retrain_changes_centroids_and_keeps_recall(mixture, queries):
 
 
 def test_build_is_deterministic_under_a_seed(mixture):
-    a = faiss_index(seed=3, max_train_points=1000).build(mixture, ids=torch.arange(len(mixture))).centroids
-    b = faiss_index(seed=3, max_train_points=1000).build(mixture, ids=torch.arange(len(mixture))).centroids
-    c = faiss_index(seed=4, max_train_points=1000).build(mixture, ids=torch.arange(len(mixture))).centroids
+    a = (
+        faiss_index(seed=3, max_train_points=1000)
+        .build(mixture, ids=torch.arange(len(mixture)))
+        .centroids
+    )
+    b = (
+        faiss_index(seed=3, max_train_points=1000)
+        .build(mixture, ids=torch.arange(len(mixture)))
+        .centroids
+    )
+    c = (
+        faiss_index(seed=4, max_train_points=1000)
+        .build(mixture, ids=torch.arange(len(mixture)))
+        .centroids
+    )
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -266,7 +280,9 @@ def test_custom_ids_are_returned(mixture, queries):
 
 
 def test_exact_backend_matches_reference(mixture, queries):
-    index = ItemIndex(D_MODEL, backend="exact").build(mixture, ids=torch.arange(len(mixture)), step=2)
+    index = ItemIndex(D_MODEL, backend="exact").build(
+        mixture, ids=torch.arange(len(mixture)), step=2
+    )
     assert index.backend == "exact" and index.centroids is None
     D, I = index.search(queries, 10)
     D_ref, I_ref = exact_topk(queries, mixture, 10)
@@ -322,7 +338,9 @@ def test_small_training_set_warns_once(caplog, monkeypatch):
 def test_max_train_points_subsamples(mixture, caplog):
     # 40 points per centroid: enough for FAISS's advice, a tenth of the data.
     with caplog.at_level(logging.WARNING, logger="annsample.index"):
-        index = faiss_index(nlist=10, max_train_points=400, nprobe=10).build(mixture, ids=torch.arange(len(mixture)))
+        index = faiss_index(nlist=10, max_train_points=400, nprobe=10).build(
+            mixture, ids=torch.arange(len(mixture))
+        )
     assert not caplog.records
     assert index.ntotal == mixture.shape[0]
 
@@ -347,19 +365,29 @@ def test_state_dict_round_trip_gives_identical_results(metric, mixture, queries)
 
 
 def test_state_dict_of_exact_backend_round_trips(mixture, queries):
-    index = ItemIndex(D_MODEL, backend="exact", metric="cosine").build(mixture, ids=torch.arange(len(mixture)), step=3)
+    index = ItemIndex(D_MODEL, backend="exact", metric="cosine").build(
+        mixture, ids=torch.arange(len(mixture)), step=3
+    )
     restored = ItemIndex.from_state_dict(index.state_dict())
     assert restored.backend == "exact" and restored.version == 3
     assert torch.equal(restored.search(queries, 8)[1], index.search(queries, 8)[1])
 
 
 def test_load_state_dict_rejects_mismatched_settings(mixture):
-    state = faiss_index(nlist=32).build(mixture, ids=torch.arange(len(mixture))).state_dict(with_vectors=False)
+    state = (
+        faiss_index(nlist=32)
+        .build(mixture, ids=torch.arange(len(mixture)))
+        .state_dict(with_vectors=False)
+    )
     with pytest.raises(ItemIndexError, match=r"nlist=32 but this index has nlist=16"):
         faiss_index(nlist=16).load_state_dict(state)
     with pytest.raises(ItemIndexError, match="not an ItemIndex state_dict"):
         faiss_index().load_state_dict({"weights": 1})
-    exact_state = ItemIndex(D_MODEL, nlist=32, backend="exact").build(mixture, ids=torch.arange(len(mixture))).state_dict()
+    exact_state = (
+        ItemIndex(D_MODEL, nlist=32, backend="exact")
+        .build(mixture, ids=torch.arange(len(mixture)))
+        .state_dict()
+    )
     with pytest.raises(ItemIndexError, match="has no centroids"):
         faiss_index().load_state_dict(exact_state)
 

@@ -72,7 +72,11 @@ def test_nprobe_equal_nlist_is_exact(metric, device, mixture, queries):
     D, I = index.search(xq, 10)
     assert D.device == xq.device and I.device == xq.device
     # The exact backend with the same metric is the reference (cosine ranks by cosine).
-    D_ref, I_ref = ItemIndex(D_MODEL, backend="exact", metric=metric).build(xb, ids=torch.arange(len(xb))).search(xq, 10)
+    D_ref, I_ref = (
+        ItemIndex(D_MODEL, backend="exact", metric=metric)
+        .build(xb, ids=torch.arange(len(xb)))
+        .search(xq, 10)
+    )
     assert torch.equal(I.cpu(), I_ref.cpu())
     torch.testing.assert_close(D.cpu(), D_ref.cpu(), rtol=1e-5, atol=1e-4)
 
@@ -98,7 +102,9 @@ def test_scores_are_true_inner_products_for_every_metric(queries):
     # Widely varying norms, where cosine and augmented scores would differ from xq · x.
     xb = gaussian_mixture(3000) * torch.linspace(0.1, 5, 3000)[:, None]
     for metric in METRICS:
-        D, I = torch_index(metric, nprobe=8).build(xb, ids=torch.arange(len(xb))).search(queries, 20)
+        D, I = (
+            torch_index(metric, nprobe=8).build(xb, ids=torch.arange(len(xb))).search(queries, 20)
+        )
         real = I >= 0
         true = (queries[:, None, :] * xb[I.clamp(min=0)]).sum(-1)
         torch.testing.assert_close(D[real], true[real], rtol=1e-5, atol=1e-4)
@@ -289,7 +295,9 @@ def test_same_centroids_give_the_same_lists_and_results_as_faiss(metric, mixture
 def test_recall_matches_faiss_over_nprobe(mixture, queries):
     """Built independently (own k-means on each side), the two backends reach the same recall."""
     _, I_exact = exact_topk(queries, mixture, 20)
-    faiss_ivf = ItemIndex(D_MODEL, nlist=64, nprobe=1, backend="faiss").build(mixture, ids=torch.arange(len(mixture)))
+    faiss_ivf = ItemIndex(D_MODEL, nlist=64, nprobe=1, backend="faiss").build(
+        mixture, ids=torch.arange(len(mixture))
+    )
     torch_ivf_index = torch_index(nlist=64, nprobe=1).build(mixture, ids=torch.arange(len(mixture)))
     for nprobe in (1, 4, 16):
         faiss_ivf.nprobe = torch_ivf_index.nprobe = nprobe
@@ -303,7 +311,9 @@ def test_recall_matches_faiss_over_nprobe(mixture, queries):
 
 def test_torch_ivf_runs_and_auto_picks_it_without_faiss(monkeypatch, mixture, queries):
     monkeypatch.setattr(index_module, "faiss", None)
-    index = ItemIndex(D_MODEL, nlist=16, nprobe=16, backend="auto").build(mixture, ids=torch.arange(len(mixture)))
+    index = ItemIndex(D_MODEL, nlist=16, nprobe=16, backend="auto").build(
+        mixture, ids=torch.arange(len(mixture))
+    )
     assert index.backend == "torch_ivf"
     assert torch.equal(index.search(queries, 5)[1], exact_topk(queries, mixture, 5)[1])
     with pytest.raises(ItemIndexError, match="needs the faiss package.*torch_ivf"):
@@ -312,7 +322,12 @@ def test_torch_ivf_runs_and_auto_picks_it_without_faiss(monkeypatch, mixture, qu
 
 @needs_faiss
 def test_auto_still_picks_faiss_on_cpu(mixture):
-    assert ItemIndex(D_MODEL, nlist=16, nprobe=4, backend="auto").build(mixture, ids=torch.arange(len(mixture))).backend == "faiss"
+    assert (
+        ItemIndex(D_MODEL, nlist=16, nprobe=4, backend="auto")
+        .build(mixture, ids=torch.arange(len(mixture)))
+        .backend
+        == "faiss"
+    )
 
 
 @pytest.mark.gpu
