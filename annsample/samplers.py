@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from annsample.config import SAMPLER_NAMES, SamplerConfig
 from annsample.errors import SamplerError
 
 
@@ -774,3 +775,74 @@ class AnnSampler:
                 queries, item_embeddings, exclusions, sequence_queries, generator
             ).double()
         return (total / draws).float()
+
+
+def make_sampler(
+    name: str,
+    *,
+    alpha: float = 1.0,
+    candidates: int = 200,
+    epsilon: float = 0.05,
+    query: str = "position",
+    tail_samples: int = 0,
+    pool_size: int = 1000,
+    popularity: np.ndarray | torch.Tensor | None = None,
+    beta: float = 1.0,
+    precision: str = "fp32",
+    index_source: object = None,
+) -> Sampler:
+    """The sampler registered as ``name`` (one of :data:`annsample.config.SAMPLER_NAMES`).
+
+    ``popularity`` (N+1,) counts serve "popularity"; ``index_source`` (an ItemIndex, or an object
+    whose ``current()`` returns one) serves "ann"; ``pool_size`` is M for "pool" and "dns";
+    ``precision`` the matmul precision of "exact_gumbel".
+    """
+    if name == "uniform":
+        return UniformSampler()
+    if name == "popularity":
+        if popularity is None:
+            raise SamplerError("sampler 'popularity' needs popularity= (N+1,) item counts")
+        return PopularitySampler(popularity, beta=beta)
+    if name == "exact":
+        return ExactSampler(alpha=alpha)
+    if name == "exact_gumbel":
+        from annsample.exact_gumbel import GumbelExactSampler  # it builds on this module
+
+        return GumbelExactSampler(alpha=alpha, precision=precision)
+    if name == "pool":
+        return PoolSampler(alpha=alpha, pool_size=pool_size)
+    if name == "dns":
+        return DNSSampler(candidates=pool_size)
+    if name == "ann":
+        if index_source is None:
+            raise SamplerError("sampler 'ann' needs index_source= (an ItemIndex or its refresher)")
+        return AnnSampler(
+            index_source,
+            alpha=alpha,
+            candidates=candidates,
+            epsilon=epsilon,
+            query=query,
+            tail_samples=tail_samples,
+        )
+    raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+
+
+def build_sampler(
+    config: SamplerConfig,
+    popularity: np.ndarray | torch.Tensor | None = None,
+    index_source: object = None,
+) -> Sampler:
+    """The sampler a run config's ``sampler`` section names (see :func:`make_sampler`)."""
+    return make_sampler(
+        config.name,
+        alpha=config.alpha,
+        candidates=config.candidates,
+        epsilon=config.epsilon,
+        query=config.query,
+        tail_samples=config.tail_samples,
+        pool_size=config.pool_size,
+        popularity=popularity,
+        beta=config.beta,
+        precision=config.matmul_precision,
+        index_source=index_source,
+    )

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 import annsample.index as index_module
 from annsample.errors import ItemIndexError
-from annsample.index import ItemIndex, exact_topk, recall_at_k
+from annsample.index import ItemIndex, clustering, exact_topk, recall_at_k
+from annsample.index import exact as exact_module
 
 D_MODEL = 16
 
@@ -90,7 +91,7 @@ def test_exact_topk_matches_brute_force(n, nq, k_fraction, chunk_size, seed):
 def test_exact_topk_blocks_queries_without_changing_results(monkeypatch):
     xb, xq = gaussian_mixture(500), gaussian_mixture(300, seed=3)
     D_ref, I_ref = exact_topk(xq, xb, 7)
-    monkeypatch.setattr(index_module, "_BLOCK_ELEMENTS", 64)  # forces many query blocks
+    monkeypatch.setattr(exact_module, "BLOCK_ELEMENTS", 64)  # forces many query blocks
     D, I = exact_topk(xq, xb, 7, chunk_size=50)
     torch.testing.assert_close(D, D_ref)
     assert torch.equal(I, I_ref)
@@ -325,7 +326,7 @@ def test_concurrent_searches_agree_with_sequential(mixture, queries):
 
 
 def test_small_training_set_warns_once(caplog, monkeypatch):
-    monkeypatch.setattr(index_module, "_warned_small_training_sets", set())
+    monkeypatch.setattr(clustering, "warned_small_training_sets", set())
     xb = gaussian_mixture(300)
     with caplog.at_level(logging.WARNING, logger="annsample.index"):
         index = faiss_index(nlist=16).build(xb, ids=torch.arange(len(xb)))
@@ -536,18 +537,22 @@ def test_exact_topk_and_recall_validate_input(mixture, queries):
 
 
 def test_index_never_imports_the_model_or_training():
-    tree = ast.parse(Path(index_module.__file__).read_text())
-    imported = {
-        alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    # annsample.torch_ivf is torch only (tests/test_imports.py checks it imports no model either)
-    assert {name for name in imported if name and name.startswith("annsample")} == {
-        "annsample.errors",
-        "annsample.torch_ivf",
+    imported = set()
+    for path in Path(index_module.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported |= {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    # the index package imports itself, its errors and the config's name registry, nothing else
+    outside = {
+        n
+        for n in imported
+        if n and n.startswith("annsample") and not n.startswith("annsample.index")
     }
+    assert outside == {"annsample.errors", "annsample.config"}
 
 
 @settings(max_examples=50, deadline=None)
@@ -563,7 +568,7 @@ def test_default_nlist_and_nprobe_follow_one_rule(n):
 
 def test_nlist_errors_point_at_the_default_rule(mixture):
     rule = index_module.default_nlist(100)
-    with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule} "):
+    with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule}:"):
         index_module.resolve_nlist_nprobe(500, 0, 100)
     with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule}:"):
         faiss_index(nlist=500).build(mixture[:100])

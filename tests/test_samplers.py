@@ -334,7 +334,7 @@ def test_ann_tail_log_q_gives_an_unbiased_partition_estimate(problem):
 
 
 def test_ann_tail_keeps_the_sampled_softmax_close_to_full_softmax():
-    from annsample.bench import softmax_gap
+    from annsample.bench.samplers import softmax_gap
 
     n, d = 2000, 16
     g = torch.Generator().manual_seed(0)
