@@ -50,22 +50,20 @@ def check_loss(loss_value: float, step: int) -> None:
 
 def check_gradients(model: nn.Module, step: int) -> None:
     """Refuse NaN / inf gradients at ``step`` before the optimiser applies them."""
-    bad = nonfinite_gradients(model)
-    if bad:
-        raise NumericalError(
-            f"training diverged at step {step}: the gradients of {', '.join(bad)} hold NaN or "
-            "inf (the update was not applied)"
-        )
+    _refuse(nonfinite_gradients(model), step, "the gradients of {} hold NaN or inf (the update "
+            "was not applied)")  # fmt: skip
 
 
 def check_parameters(model: nn.Module, step: int) -> None:
     """Refuse to checkpoint NaN / inf parameters."""
-    bad = nonfinite_parameters(model)
+    _refuse(nonfinite_parameters(model), step, "parameters {} hold NaN or inf, so they are not "
+            "checkpointed")  # fmt: skip
+
+
+def _refuse(bad: list[str], step: int, what: str) -> None:
+    """A NumericalError at ``step`` naming the ``bad`` parameters in ``what``."""
     if bad:
-        raise NumericalError(
-            f"training diverged at step {step}: parameters {', '.join(bad)} hold NaN or inf, so "
-            "they are not checkpointed"
-        )
+        raise NumericalError(f"training diverged at step {step}: " + what.format(", ".join(bad)))
 
 
 def check_hidden(h: torch.Tensor, step: int) -> None:

@@ -62,7 +62,7 @@ def measure_staleness(
         exclusions: the probe queries' exclusions.
         max_dense: TV and hardness need Q x N dense probabilities; skipped above this size.
     """
-    index = sampler._current_index()
+    index = sampler.current_index()
     K = sampler.candidates
     xb = item_embeddings[1:]
     _, I_exact = exact_topk(xq, xb, K)
@@ -98,6 +98,11 @@ class BuiltSnapshots:
     def __init__(self, built: torch.Tensor | None) -> None:
         self.built = built
         self._pending: dict[int, torch.Tensor] = {}
+
+    @property
+    def pending_steps(self) -> list[int]:
+        """The steps of requested snapshots whose index is not published yet."""
+        return list(self._pending)
 
     def requested(self, step: int, snapshot: torch.Tensor) -> None:
         """A refresh from ``snapshot`` (N, d), the table at training step ``step``, was requested."""

@@ -550,16 +550,9 @@ def bench_stall_command(
 def bench_step_command(
     catalog_size: str,
     samplers: tuple[str, ...],
-    steps: int | None,
-    warmup_steps: int,
-    device: str,
-    max_seconds: float,
-    exact_draws: int,
     save_probe: Path | None,
-    profile: bool,
-    probe_queries: int,
-    overrides: tuple[str, ...],
     json_path: Path,
+    **settings,
 ) -> None:
     """Full training-step and sampler time of each sampler on the same batches and warmed-up
     model, with TV to exact GenNi, hardness, softmax gap and index recall."""
@@ -569,17 +562,7 @@ def bench_step_command(
     _check_writable(json_path, "--json")
     _check_writable(save_probe, "--save-probe")
     records = bench_step(
-        parse_size(catalog_size),
-        samplers or STEP_SAMPLERS,
-        steps=steps,
-        warmup_steps=warmup_steps,
-        device=device,
-        overrides=overrides,
-        probe_queries=probe_queries,
-        max_seconds=max_seconds,
-        exact_draws=exact_draws,
-        save_probe=save_probe,
-        profile=profile,
+        parse_size(catalog_size), samplers or STEP_SAMPLERS, save_probe=save_probe, **settings
     )
     click.echo(step_table(records), nl=False)
     _write_json(json_path, records)
@@ -640,37 +623,25 @@ def bench_index_command(
     _write_json(json_path, records)
 
 
-def _sizes_option(default: tuple[int, ...]):
-    """``--n N`` catalog sizes (repeatable)."""
-    sizes = ", ".join(f"{n:,}" for n in default)
+def _repeated_option(flag: str, dest: str, default: tuple[int, ...], what: str):
+    """A repeatable whole-number option whose default is a list, e.g. ``--n 1000 --n 10000``."""
+    shown = " ".join(map(str, default))
     return click.option(
-        "--n",
-        "ns",
+        flag,
+        dest,
         multiple=True,
         type=click.IntRange(min=1),
         default=default,
-        help=f"Catalog size (repeatable; default {sizes}).",
-    )
-
-
-def _nprobes_option(default: tuple[int, ...]):
-    """``--nprobe P`` lists probed (repeatable)."""
-    return click.option(
-        "--nprobe",
-        "nprobes",
-        multiple=True,
-        type=click.IntRange(min=1),
-        default=default,
-        help=f"Lists probed (repeatable; default {' '.join(map(str, default))}).",
+        help=f"{what} (repeatable; default {shown}).",
     )
 
 
 @bench.command("refresh")
-@_sizes_option((100_000,))
+@_repeated_option("--n", "ns", (100_000,), "Catalog size")
 @_count_option("--dim", default=64)
 @_count_option("--nlist", default=1024)
 @_count_option("--repeats", default=3, help="Median of this many runs.")
-@_nprobes_option((1, 8, 32, 128))
+@_repeated_option("--nprobe", "nprobes", (1, 8, 32, 128), "Lists probed")
 @_count_option("--k", "k", default=100)
 @_count_option("--queries", default=1000)
 @click.option("--metric", type=_METRIC_CHOICE, default="ip", show_default=True)
@@ -715,57 +686,24 @@ def bench_refresh_command(
 
 @bench.command("ivf")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@_sizes_option((100_000,))
+@_repeated_option("--n", "ns", (100_000,), "Catalog size")
 @_count_option("--dim", default=64)
 @click.option("--nlist", type=click.IntRange(min=1), default=None, help="Default: about sqrt(N).")
-@_nprobes_option((8, 16, 32))
+@_repeated_option("--nprobe", "nprobes", (8, 16, 32), "Lists probed")
 @_count_option("--k", "k", default=100)
-@click.option(
-    "--queries",
-    "query_counts",
-    multiple=True,
-    type=click.IntRange(min=1),
-    default=(256,),
-    help="Queries per search (repeatable; default 256).",
-)
+@_repeated_option("--queries", "query_counts", (256,), "Queries per search")
 @_count_option("--repeats", default=5, help="Median of this many runs.")
 @_count_option("--threads", default=1, help="torch (and faiss) threads.")
 @click.option("--samplers", is_flag=True, help="Also time the exact GenNi samplers.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @_json_option("Write the report here (after every catalog size).")
 @_user_errors
-def bench_ivf_command(
-    device: str,
-    ns: tuple[int, ...],
-    dim: int,
-    nlist: int | None,
-    nprobes: tuple[int, ...],
-    k: int,
-    query_counts: tuple[int, ...],
-    repeats: int,
-    threads: int,
-    samplers: bool,
-    seed: int,
-    json_path: Path | None,
-) -> None:
+def bench_ivf_command(json_path: Path | None, **settings) -> None:
     """Search and exact-sampling cost on one device: torch IVF vs FAISS IVF vs exact scoring."""
     from annsample.bench.ivf import bench_ivf, format_table
 
     _check_writable(json_path, "--json")
-    report = bench_ivf(
-        device,
-        ns,
-        dim=dim,
-        nlist=nlist,
-        nprobes=nprobes,
-        k=k,
-        query_counts=query_counts,
-        repeats=repeats,
-        threads=threads,
-        samplers=samplers,
-        seed=seed,
-        json_path=json_path,
-    )
+    report = bench_ivf(json_path=json_path, **settings)
     click.echo(json.dumps(report["machine"], default=str))
     click.echo(format_table(report["records"]), nl=False)
 

@@ -251,63 +251,39 @@ def format_table(records: list[dict[str, Any]]) -> str:
             + (f"{r['ivf_ms']:.1f} | {r['speedup']:.1f} |" if r["ivf"] else "- | - |")
             for r in summary
         ]
-    builds = [r for r in records if r["kind"] == "build"]
-    if builds:
-        lines += ["", "| N | backend | nlist | build s |", "|---|---|---|---|"]
-        lines += [
-            f"| {r['n']:,} | {r['backend']} | {r['nlist']} | {r['build_seconds']:.2f} |"
-            for r in builds
-        ]
-    samples = [r for r in records if r["kind"] == "sample"]
-    if samples:
-        lines += ["", "| N | positions | sampler | ms per call (k=1) |", "|---|---|---|---|"]
-        lines += [
-            f"| {r['n']:,} | {r['positions']:,} | {r['sampler']} | {r['sample_ms']:.1f} |"
-            for r in samples
-        ]
+    lines += _kind_table(
+        records,
+        "build",
+        "| N | backend | nlist | build s |",
+        lambda r: f"| {r['n']:,} | {r['backend']} | {r['nlist']} | {r['build_seconds']:.2f} |",
+    )
+    lines += _kind_table(
+        records, "sample", "| N | positions | sampler | ms per call (k=1) |",
+        lambda r: f"| {r['n']:,} | {r['positions']:,} | {r['sampler']} | {r['sample_ms']:.1f} |",
+    )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def bench_ivf(
     device: str,
     ns: Sequence[int],
-    dim: int = 64,
-    nlist: int | None = None,
-    nprobes: Sequence[int] = (8, 16, 32),
-    k: int = 100,
-    query_counts: Sequence[int] = (256,),
-    repeats: int = 5,
     threads: int = 1,
-    samplers: bool = False,
-    seed: int = 0,
     json_path: Path | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """Every catalog size of ``ns`` through :func:`bench_size`; returns ``{"machine", "args",
-    "records"}``, written to ``json_path`` after each size too (partial results survive a
-    timeout)."""
+    """Every catalog size of ``ns`` through :func:`bench_size` (``settings`` are its keyword
+    arguments) with ``threads`` torch and FAISS threads; returns ``{"machine", "args", "records"}``,
+    written to ``json_path`` after each size too (partial results survive a timeout)."""
     torch_device = torch.device(device)
     if torch_device.type == "cuda" and not torch.cuda.is_available():
         raise RunError("--device cuda: torch sees no CUDA device")
     torch.set_num_threads(threads)
     faiss_ivf.set_threads(threads)
-    args = dict(device=device, n=list(ns), dim=dim, nlist=nlist, nprobe=list(nprobes), k=k,
-                queries=list(query_counts), repeats=repeats, threads=threads, samplers=samplers,
-                seed=seed, json=None)  # fmt: skip
+    args = {"device": device, "n": list(ns), "threads": threads, **settings}
     report: dict[str, Any] = {"machine": machine(torch_device), "args": args}
     records: list[dict[str, Any]] = []
     for n in tqdm(ns, desc="catalog sizes"):
-        records += bench_size(
-            n,
-            torch_device,
-            dim=dim,
-            nlist=nlist,
-            nprobes=nprobes,
-            k=k,
-            query_counts=query_counts,
-            repeats=repeats,
-            samplers=samplers,
-            seed=seed,
-        )
+        records += bench_size(n, torch_device, **settings)
         if json_path is not None:
             report["records"] = records
             json_path.write_text(json.dumps(report, indent=2, default=str))
@@ -316,3 +292,14 @@ def bench_ivf(
     if json_path is not None:
         json_path.write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def _kind_table(
+    records: list[dict[str, Any]], kind: str, header: str, row: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """A markdown table (after a blank line) of the records of ``kind``; none when there are none."""
+    chosen = [r for r in records if r["kind"] == kind]
+    if not chosen:
+        return []
+    separator = "|" + "---|" * (header.count("|") - 1)
+    return ["", header, separator, *(row(r) for r in chosen)]

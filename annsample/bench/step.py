@@ -190,7 +190,7 @@ def ann_marginal(
     if not sampler.tail_samples:
         probs = sampler.probabilities(xq, item_embeddings, exclusions, sequence_queries=xq)
         return probs.double(), 0.0
-    logits, candidates = sampler._logits(xq, item_embeddings, exclusions, xq)  # (Q, K)
+    logits, candidates = sampler.candidate_logits(xq, item_embeddings, exclusions, xq)  # (Q, K)
     usable = torch.isfinite(logits)
     has_candidate = usable.any(dim=1)
     eps = torch.where(has_candidate, sampler.epsilon, 1.0).double()[:, None]  # (Q, 1)
