@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import D_MODEL, gaussian_mixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,6 @@ from annsample.errors import ItemIndexError
 from annsample.index import ItemIndex, exact_topk, recall_at_k, torch_ivf
 from annsample.index import faiss_ivf as faiss_backend
 
-D_MODEL = 16
 METRICS = ["ip", "l2_augmented", "cosine"]
 DEVICES = [
     "cpu",
@@ -31,26 +31,6 @@ DEVICES = [
 needs_faiss = pytest.mark.skipif(
     not faiss_backend.available(), reason="compares against FAISS, which is not installed here"
 )
-
-
-def gaussian_mixture(
-    n: int, d: int = D_MODEL, clusters: int = 32, seed: int = 0, spread: float = 0.35
-) -> torch.Tensor:
-    """(n, d) float32 rows around `clusters` random centres: IVF-shaped data, unlike uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(clusters, d, generator=g)
-    members = torch.randint(0, clusters, (n,), generator=g)
-    return centres[members] + spread * torch.randn(n, d, generator=g)
-
-
-@pytest.fixture(scope="module")
-def mixture() -> torch.Tensor:
-    return gaussian_mixture(4000)
-
-
-@pytest.fixture(scope="module")
-def queries() -> torch.Tensor:
-    return gaussian_mixture(200, seed=1)
 
 
 def torch_index(metric: str = "ip", nlist: int = 32, nprobe: int = 4, **kwargs) -> ItemIndex:
