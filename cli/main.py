@@ -402,16 +402,16 @@ def bench() -> None:
 _MODEL_SAMPLERS = [name for name in SAMPLER_NAMES if name != "exact_gumbel"]
 
 
+def _samplers_option(help: str):
+    """``--sampler NAME`` (repeatable, into ``samplers``)."""
+    choice = click.Choice(_MODEL_SAMPLERS)
+    return click.option("--sampler", "samplers", multiple=True, type=choice, help=help)
+
+
 @bench.command("samplers")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @_json_option()
-@click.option(
-    "--sampler",
-    "samplers",
-    multiple=True,
-    type=click.Choice(_MODEL_SAMPLERS),
-    help="Samplers to run (default: all).",
-)
+@_samplers_option("Samplers to run (default: all).")
 @_count_option("--queries", default=256, help="Probe queries timed per call.")
 @_count_option("--tv-queries", default=32, help="Probe queries for the TV distance.")
 @_count_option(
@@ -494,13 +494,7 @@ def bench_stall_command(
     metavar="N",
     help="Synthetic catalog size (e.g. 10k, 1M), with the settings of train --catalog-size N.",
 )
-@click.option(
-    "--sampler",
-    "samplers",
-    multiple=True,
-    type=click.Choice(_MODEL_SAMPLERS),
-    help="Samplers to time (repeatable; default: all).",
-)
+@_samplers_option("Samplers to time (repeatable; default: all).")
 @click.option(
     "--steps",
     default=None,
