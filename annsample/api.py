@@ -31,7 +31,6 @@ Example (runs as a doctest):
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -40,25 +39,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from annsample.config import SAMPLED_LOSS_NAMES, SAMPLER_NAMES
 from annsample.errors import SamplerError
-from annsample.index import ItemIndex, exact_topk, recall_at_k
+from annsample.index import ItemIndex, default_nlist, exact_topk, recall_at_k
 from annsample.losses import bce_loss, gbce_loss, sampled_softmax_loss
-from annsample.refresh import IndexRefresher, RefreshSchedule, embedding_drift, make_schedule
-from annsample.samplers import (
-    AnnSampler,
-    DNSSampler,
-    ExactSampler,
-    Exclusions,
-    PoolSampler,
-    PopularitySampler,
-    Sampler,
-    UniformSampler,
-)
+from annsample.refresh import IndexRefresher, RefreshSchedule, embedding_drift, schedule_for
+from annsample.samplers import AnnSampler, Exclusions, Sampler, make_sampler
 
 logger = logging.getLogger(__name__)
 
-SAMPLER_NAMES = ("uniform", "popularity", "exact", "pool", "dns", "ann")
-LOSS_NAMES = ("bce", "sampled_softmax", "gbce")
+LOSS_NAMES = SAMPLED_LOSS_NAMES  # the losses sampled_loss computes (full_ce needs no sampler)
 
 Histories = torch.Tensor | np.ndarray | tuple[Any, Any]
 """A padded (B, H) id array (0 = padding) or CSR ``(indptr (B+1,), items (nnz,))``."""
@@ -98,21 +88,14 @@ class RefreshPolicy:
 
     def make_schedule(self) -> RefreshSchedule:
         """A fresh schedule object (see :mod:`annsample.refresh`) for this policy."""
-        if self.schedule == "steps":
-            return make_schedule("steps", n=self.every, retrain_every=self.retrain_every)
-        if self.schedule == "epoch":
-            return make_schedule("epoch", retrain_every=self.retrain_every)
-        if self.schedule == "never":
-            return make_schedule("never")
-        if self.schedule == "adaptive":
-            return make_schedule(
-                "adaptive",
-                drift_threshold=self.drift_threshold,
-                recall_threshold=self.recall_threshold,
-                check_every=self.check_every,
-                retrain_every=self.retrain_every,
-            )
-        return make_schedule(self.schedule)  # raises: names the valid schedules
+        return schedule_for(
+            self.schedule,
+            every=self.every,
+            retrain_every=self.retrain_every,
+            drift_threshold=self.drift_threshold,
+            recall_threshold=self.recall_threshold,
+            check_every=self.check_every,
+        )
 
 
 # --------------------------------------------------------------------------- input checks
@@ -411,11 +394,6 @@ def sampled_loss(
 # --------------------------------------------------------------------------- the sampler
 
 
-def _default_nlist(n_items: int) -> int:
-    """About sqrt(N) lists, with at least 39 items per list (FAISS's k-means minimum)."""
-    return max(1, min(round(math.sqrt(n_items)), n_items // 39))
-
-
 class NegativeSampler:
     """GenNi negatives for your model, from an item index that follows your item vectors.
 
@@ -514,7 +492,7 @@ class NegativeSampler:
                     f"candidates={candidates} is more than the catalog's {self.n_items} items; "
                     f"lower it to at most {self.n_items}"
                 )
-            nlist = nlist or _default_nlist(self.n_items)
+            nlist = nlist or default_nlist(self.n_items)
             nprobe = nprobe or max(1, nlist // 8)
 
             def factory() -> ItemIndex:
@@ -532,26 +510,19 @@ class NegativeSampler:
             ids = torch.arange(1, self.n_items + 1, device=table.device)
             self.refresher.build(xb, step=0, ids=ids)
             self._built = xb if self._tracks_drift() else None
-            self.core: Sampler = AnnSampler(
-                self.refresher,
+            self.core: Sampler = make_sampler(
+                "ann",
                 alpha=alpha,
                 candidates=candidates,
                 epsilon=epsilon,
                 query=query,
                 tail_samples=tail_samples,
+                index_source=self.refresher,
             )
-        elif sampler == "uniform":
-            self.core = UniformSampler()
-        elif sampler == "popularity":
-            if popularity is None:
-                raise SamplerError("sampler='popularity' needs popularity= (N+1,) item counts")
-            self.core = PopularitySampler(popularity, beta=beta)
-        elif sampler == "exact":
-            self.core = ExactSampler(alpha=alpha)
-        elif sampler == "pool":
-            self.core = PoolSampler(alpha=alpha, pool_size=pool_size)
         else:
-            self.core = DNSSampler(candidates=pool_size)
+            self.core = make_sampler(
+                sampler, alpha=alpha, pool_size=pool_size, popularity=popularity, beta=beta
+            )
 
     # ----------------------------------------------------------------------------- per step
 

@@ -21,6 +21,7 @@ import random
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -398,3 +399,66 @@ def restore_refresher(
     refresher.load_state_dict(state, device)
     if state["schedule_refreshes"] is not None:
         schedule.refreshes = state["schedule_refreshes"]
+
+
+# --------------------------------------------------------------------------- training state
+
+
+@dataclass
+class Progress:
+    """Where training stands: what a checkpoint holds besides weights, optimisers and RNGs."""
+
+    step: int = 0
+    next_epoch: int = 1  # the epoch to run (or to finish, when next_batch > 0)
+    next_batch: int = 0  # batches of next_epoch already trained
+    epoch_loss_sum: float = 0.0  # sum of train/loss over those batches
+    epoch_elapsed: float = 0.0  # seconds spent on those batches
+    best_ndcg: float = -1.0
+    best_epoch: int = 0
+    bad_evals: int = 0
+    stopped: bool = False  # early stopping fired
+    epoch_seconds: list[float] = field(default_factory=list)
+    best_digest: str = ""  # state_digest of the weights in best.pt
+
+
+def restore_training(
+    checkpoint: Mapping[str, Any],
+    model: torch.nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    generators: Mapping[str, torch.Generator],
+) -> Progress:
+    """Load weights, optimiser moments and RNGs from a checkpoint; return its progress (the index
+    is :func:`restore_refresher`'s)."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
+            optimizer.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:
+        # check_config makes this unreachable for annsample's own checkpoints
+        raise CheckpointError(f"the checkpoint does not fit the model: {error}") from None
+    restore_rng(checkpoint["rng"], generators)
+    return Progress(**checkpoint["progress"])
+
+
+def save_best(model: torch.nn.Module, path: Path) -> str:
+    """Write the model's weights to ``path`` atomically; returns their digest."""
+    state = model.state_dict()
+    atomic_save(state, path)
+    return state_digest(state)
+
+
+def load_best(path: Path, digest: str, device: torch.device) -> dict[str, torch.Tensor]:
+    """The best weights, checked against the digest recorded when they were written."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+        intact = state_digest(state) == digest
+    except Exception as error:  # missing, torn, or not a state dict: the run cannot be tested
+        reason = describe_load_error(error)
+        raise CheckpointError(f"cannot read {path} ({reason}); start the run again") from None
+    if not intact:
+        raise CheckpointError(
+            f"{path} does not hold the weights of the best epoch this run recorded (it was "
+            "written after the checkpoint it resumed from, by a run that then diverged); start "
+            "the run again"
+        )
+    return state

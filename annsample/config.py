@@ -125,15 +125,22 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# The one registry of names: samplers.make_sampler builds each sampler, api and the CLI list them.
+SAMPLER_NAMES = ("uniform", "popularity", "exact", "exact_gumbel", "pool", "dns", "ann")
+SAMPLED_LOSS_NAMES = ("bce", "sampled_softmax", "gbce")  # losses over sampled negatives
+LOSS_NAMES = (*SAMPLED_LOSS_NAMES, "full_ce")
+INDEX_BACKENDS = ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf")
+INDEX_METRICS = ("ip", "l2_augmented", "cosine")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "sequences", "interactions"),
-    "sampler.name": ("uniform", "popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),
+    "sampler.name": SAMPLER_NAMES,
     "sampler.matmul_precision": ("fp32", "tf32", "bf16"),
     "sampler.query": ("position", "sequence"),
-    "sampler.index.backend": ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf"),
-    "sampler.index.metric": ("ip", "l2_augmented", "cosine"),
+    "sampler.index.backend": INDEX_BACKENDS,
+    "sampler.index.metric": INDEX_METRICS,
     "sampler.index.refresh": ("steps", "epoch", "never", "adaptive"),
-    "loss.name": ("bce", "sampled_softmax", "gbce", "full_ce"),
+    "loss.name": LOSS_NAMES,
     "train.device": ("cpu", "cuda", "auto"),
 }
 POSITIVE = {

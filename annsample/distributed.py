@@ -62,6 +62,15 @@ class DistContext:
         return self.rank == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """ "auto" picks CUDA when available; asking for CUDA without one is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RunError("train.device=cuda but torch sees no GPU; use train.device=cpu or auto")
+    return torch.device(name)
+
+
 def launched_world_size() -> int:
     """``WORLD_SIZE`` set by the elastic launcher (1 when not launched by it)."""
     try:

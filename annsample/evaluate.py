@@ -13,11 +13,14 @@ single dot product round differently, so exact equality would split genuine ties
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 KS = (5, 10, 20)
 
@@ -184,3 +187,74 @@ def evaluate_ranking(
         ties[rows] = counts.ties.cpu().numpy()
     ranks = Ranks(higher[users], ties[users])
     return metrics_from_ranks(ranks, ks), ranks
+
+
+def eval_users(n_users: int, count: int, seed: int) -> np.ndarray | None:
+    """A fixed random subset of ``count`` users to evaluate (None = all users)."""
+    if not count or count >= n_users:
+        return None
+    return np.sort(np.random.default_rng(seed + 3).choice(n_users, size=count, replace=False))
+
+
+def evaluate_model(
+    model: Any,
+    prepared: Any,
+    stage: str,
+    config: Any,
+    device: torch.device,
+    user_count: int | None = None,
+) -> dict[str, float]:
+    """Full-ranking metrics of a SASRec ``model`` on the validation or test targets of
+    ``prepared`` (:class:`annsample.prepare.Prepared`), in eval mode and without gradients.
+
+    ``user_count`` overrides ``train.eval_users`` (the fixed user subset; 0 = all users).
+    """
+    from annsample import data as data_mod
+
+    split = prepared.split
+    inputs, targets = data_mod.eval_tensors(split, stage, config.data.max_len)
+    indptr, items = data_mod.history_csr(split, stage)
+    was_training = model.training
+    model.eval()
+    try:
+        metrics, _ = evaluate_ranking(
+            model.encode,
+            model.item_embeddings,
+            inputs,
+            targets,
+            indptr,
+            items,
+            batch_size=config.train.eval_batch_size,
+            device=device,
+            users=eval_users(
+                split.n_users,
+                config.train.eval_users if user_count is None else user_count,
+                config.seed,
+            ),
+        )
+    finally:
+        model.train(was_training)
+    return metrics
+
+
+def oracle_results(prepared: Any, config: Any, test: dict[str, float]) -> dict[str, Any]:
+    """The synthetic catalog's oracle on the same test users, and the model's share of it."""
+    from annsample import data as data_mod
+    from annsample.synthetic import oracle_metrics
+
+    split = prepared.split
+    inputs, targets = data_mod.eval_tensors(split, "test", config.data.max_len)
+    indptr, items = data_mod.history_csr(split, "test")
+    users = eval_users(split.n_users, config.train.eval_users, config.seed)
+    oracle, _ = oracle_metrics(prepared.catalog, inputs, targets, indptr, items, users)
+    fraction = {
+        key: (test[key] / oracle[key] if oracle[key] else 0.0) for key in ("ndcg@10", "hr@10")
+    }
+    logger.info(
+        "oracle: ndcg@10 %.4f hr@10 %.4f; the model reaches %.2f / %.2f of it",
+        oracle["ndcg@10"],
+        oracle["hr@10"],
+        fraction["ndcg@10"],
+        fraction["hr@10"],
+    )
+    return {"oracle": oracle, "fraction_of_oracle": fraction}

@@ -98,8 +98,8 @@ def export_run(
             out of range.
     """
     from annsample import checkpoint as checkpoint_mod
+    from annsample.prepare import prepare_data
     from annsample.run import load_model, load_run
-    from annsample.train import prepare_data
 
     run = Path(run_dir)
     _check_finished(run)

@@ -171,9 +171,8 @@ def transition_count_metrics(
 ) -> dict[str, float]:
     """Test HR/NDCG of the transition-count reference on the users a ``--catalog-size`` run tests
     (``train.eval_users`` = ``test_users`` with run seed ``seed``)."""
-    from annsample.evaluate import metrics_from_ranks
+    from annsample.evaluate import eval_users, metrics_from_ranks
     from annsample.synthetic import synthetic_dataset
-    from annsample.train import eval_users
 
     split = data_mod.leave_one_out(synthetic_dataset(n_items, seed=synthetic_seed))
     inputs, targets = data_mod.eval_tensors(split, "test", max_len)

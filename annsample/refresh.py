@@ -19,13 +19,10 @@ from typing import Any, Protocol
 
 import torch
 
+from annsample.config import RunConfig
 from annsample.errors import ConfigError, ItemIndexError
-from annsample.index import ItemIndex
-
-try:
-    import faiss
-except ImportError:  # the torch index backends need no faiss (see annsample.index)
-    faiss = None
+from annsample.index import ItemIndex, faiss_ivf, resolve_nlist_nprobe
+from annsample.index.checks import check_2d
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +226,83 @@ def make_schedule(kind: str, **kwargs: Any) -> RefreshSchedule:
         raise ConfigError(f"refresh schedule {kind!r}: {exc}") from None
 
 
+def schedule_for(
+    kind: str,
+    every: int = 100,
+    retrain_every: int = 0,
+    drift_threshold: float | None = None,
+    recall_threshold: float | None = None,
+    check_every: int = 50,
+) -> RefreshSchedule:
+    """The schedule named ``kind`` from the settings a run config or a RefreshPolicy holds (each
+    kind takes the ones it uses: "steps" every N steps, "epoch", "never", "adaptive")."""
+    if kind == "steps":
+        return make_schedule("steps", n=every, retrain_every=retrain_every)
+    if kind == "epoch":
+        return make_schedule("epoch", retrain_every=retrain_every)
+    if kind == "adaptive":
+        return make_schedule(
+            "adaptive",
+            drift_threshold=drift_threshold,
+            recall_threshold=recall_threshold,
+            check_every=check_every,
+            retrain_every=retrain_every,
+        )
+    return make_schedule(kind)  # "never", or an error naming the valid schedules
+
+
+def make_refresh_schedule(config: RunConfig) -> RefreshSchedule:
+    """The schedule ``sampler.index`` of a run config asks for."""
+    ic = config.sampler.index
+    if ic.refresh == "adaptive" and not ic.drift_threshold and not ic.recall_threshold:
+        raise ConfigError(
+            "sampler.index.refresh=adaptive needs sampler.index.drift_threshold > 0 or "
+            "sampler.index.recall_threshold > 0 (or both); with neither it never refreshes: use "
+            "sampler.index.refresh=never for that"
+        )
+    return schedule_for(
+        ic.refresh,
+        every=ic.refresh_every,
+        retrain_every=ic.retrain_every,
+        drift_threshold=ic.drift_threshold or None,
+        recall_threshold=ic.recall_threshold or None,
+        check_every=ic.check_every,
+    )
+
+
+def make_index_refresher(config: RunConfig, dim: int, n_items: int | None = None) -> IndexRefresher:
+    """An :class:`IndexRefresher` over an :class:`ItemIndex` configured by ``sampler.index``.
+
+    ``n_items`` (the catalog size) resolves ``nlist: 0`` / ``nprobe: 0`` by the default rule
+    (:func:`annsample.index.resolve_nlist_nprobe`).
+    """
+    ic = config.sampler.index
+    if n_items is None:
+        if not (ic.nlist and ic.nprobe):
+            raise ConfigError(
+                "sampler.index.nlist / nprobe = 0 follow the catalog size: pass n_items to "
+                "make_index_refresher, or set both explicitly"
+            )
+        nlist, nprobe = ic.nlist, ic.nprobe
+    else:
+        try:
+            nlist, nprobe = resolve_nlist_nprobe(ic.nlist, ic.nprobe, n_items)
+        except ItemIndexError as error:
+            raise ConfigError(f"sampler.index: {error}") from None
+
+    def factory() -> ItemIndex:
+        return ItemIndex(
+            dim,
+            nlist=nlist,
+            nprobe=nprobe,
+            backend=ic.backend,
+            metric=ic.metric,
+            seed=config.seed,
+        )
+
+    return IndexRefresher(factory, asynchronous=ic.asynchronous)
+
+
 def embedding_drift(xb_now: torch.Tensor, xb_built: torch.Tensor, chunk_size: int = 65536) -> float:
     """Mean relative L2 change of the rows since the index was built: mean_i |now_i - built_i| / |built_i|.
 
@@ -243,9 +317,8 @@ def embedding_drift(xb_now: torch.Tensor, xb_built: torch.Tensor, chunk_size: in
     >>> round(embedding_drift(built * 1.1, built), 6)
     0.1
     """
-    for name, x in (("xb_now", xb_now), ("xb_built", xb_built)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 2:
-            raise ItemIndexError(f"{name} must be a 2-D (N, d) tensor")
+    check_2d(xb_now, "xb_now", "(N, d)")
+    check_2d(xb_built, "xb_built", "(N, d)")
     if xb_now.shape != xb_built.shape:
         raise ItemIndexError(
             f"xb_now has shape {tuple(xb_now.shape)} but xb_built has {tuple(xb_built.shape)}; "
@@ -377,8 +450,7 @@ class IndexRefresher:
             )
         if self._index is None:
             raise ItemIndexError("nothing to refresh yet: call build(xb, step) first")
-        if not isinstance(xb, torch.Tensor) or xb.dim() != 2:
-            raise ItemIndexError("xb must be a 2-D (N, d) tensor of item embeddings")
+        check_2d(xb, "xb", "(N, d)")
         start = time.perf_counter()
         self._last_step = max(self._last_step, step)
         if not self.asynchronous:
@@ -553,8 +625,8 @@ class IndexRefresher:
 
     def _work(self) -> None:
         """Worker thread: run queued requests one at a time until closed."""
-        if self.worker_threads is not None and faiss is not None:
-            faiss.omp_set_num_threads(self.worker_threads)  # this thread only
+        if self.worker_threads is not None:
+            faiss_ivf.set_threads(self.worker_threads)  # this thread only
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending is not None or self._closed)

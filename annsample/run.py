@@ -1,15 +1,108 @@
-"""Reading a finished run folder back: its config, its best checkpoint, its evaluation."""
+"""Run folders: creating one (refusing to clobber), its step-keyed ``metrics.jsonl``, and reading a
+finished one back (its config, its best checkpoint, its evaluation)."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from annsample import checkpoint as checkpoint_mod
 from annsample.checkpoint import describe_load_error
 from annsample.config import RunConfig, load_config
-from annsample.errors import RunError
+from annsample.errors import CheckpointError, RunError
 from annsample.model import SASRec
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    """``runs/<date>-<name>``, with characters a folder name cannot hold replaced by ``_``."""
+    name = re.sub(r"[^\w.+-]", "_", config.name).lstrip(".") or "run"
+    return Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{name}"
+
+
+def check_run_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Refuse a run folder that is a file, or non-empty without ``overwrite``; touches nothing."""
+    out = Path(out_dir)
+    if "\0" in str(out):
+        raise RunError(f"run folder {str(out)!r} contains a NUL byte; choose another --out")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"run folder {out} exists and is not a folder; choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        resumable = (
+            " (or --resume it: it has checkpoints)" if checkpoint_mod.list_checkpoints(out) else ""
+        )
+        raise RunError(
+            f"run folder {out} already exists and is not empty; choose another --out, or pass "
+            f"--overwrite to replace it{resumable}"
+        )
+    return out
+
+
+def prepare_run_dir(out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Create the run folder; refuse to reuse a non-empty one unless ``overwrite``."""
+    out = check_run_dir(out_dir, overwrite)
+    try:
+        if out.exists() and any(out.iterdir()):
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise RunError(
+            f"cannot create run folder {out} ({error.strerror or error}); choose a writable --out"
+        ) from None
+    return out
+
+
+def resume_point(out: Path) -> tuple[Path, dict[str, Any], list[Path]]:
+    """The checkpoint to resume the run folder ``out`` from (see checkpoint.latest_checkpoint)."""
+    if not out.is_dir():
+        raise RunError(
+            f"run folder {out} does not exist; --resume takes the folder of an interrupted "
+            "`annsample train`"
+        )
+    if (out / "results.json").is_file():
+        raise RunError(f"run {out} already finished (it has results.json); nothing to resume")
+    return checkpoint_mod.latest_checkpoint(out)
+
+
+class MetricsLog:
+    """Step-keyed JSONL records with namespaced keys (``train/loss``, ``eval/valid/ndcg@10``).
+
+    ``resume_at`` (a byte offset from :meth:`sync`) drops every record written after it, so a
+    resumed run's log reads as the uninterrupted run's.
+    """
+
+    def __init__(self, path: Path, resume_at: int | None = None) -> None:
+        self.path = path
+        if resume_at is not None:
+            size = path.stat().st_size if path.is_file() else 0
+            if size < resume_at:
+                raise CheckpointError(
+                    f"{path} holds {size} bytes but held {resume_at} when the checkpoint was "
+                    "written, so records are missing; restore it, or start a new run"
+                )
+            os.truncate(path, resume_at)
+        self._file = path.open("a", encoding="utf-8")
+
+    def write(self, step: int, **values: Any) -> None:
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def sync(self) -> int:
+        """Flush to disk (before a checkpoint refers to it); returns the log's size in bytes."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def load_run(run_dir: str | Path, overrides: tuple[str, ...] = ()) -> tuple[RunConfig, Path]:
@@ -105,7 +198,9 @@ def evaluate_run(
     run_dir: str | Path, stages: tuple[str, ...] = ("valid", "test")
 ) -> dict[str, dict[str, float]]:
     """Full-ranking metrics of a run's best checkpoint for each stage."""
-    from annsample.train import evaluate_model, prepare_data, resolve_device
+    from annsample.distributed import resolve_device
+    from annsample.evaluate import evaluate_model
+    from annsample.prepare import prepare_data
 
     config, checkpoint = load_run(run_dir)
     device = resolve_device(config.train.device)

@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from annsample.config import SAMPLER_NAMES, SamplerConfig
 from annsample.errors import SamplerError
 
 
@@ -621,12 +622,13 @@ class AnnSampler:
         self.tail_samples = tail_samples
         self.chunk_elements = chunk_elements
 
-    def _current_index(self):
+    def current_index(self):
+        """The index searched now: ``index``, or the one its refresher publishes."""
         return self.index.current() if hasattr(self.index, "current") else self.index
 
     def candidate_ids(self, queries, exclusions, sequence_queries=None) -> torch.Tensor:
         """(P, K) candidate ids for each position (-1 = none)."""
-        index = self._current_index()
+        index = self.current_index()
         if self.query == "sequence":
             if sequence_queries is None:
                 raise SamplerError(
@@ -637,7 +639,8 @@ class AnnSampler:
         _, I = index.search(queries.float().contiguous(), self.candidates)
         return _check_candidate_ids(I).to(queries.device)
 
-    def _rescore(self, queries, item_embeddings, candidates) -> torch.Tensor:
+    def rescore(self, queries, item_embeddings, candidates) -> torch.Tensor:
+        """(P, K) α·h·e of each position's candidates (P, K) with the current item table."""
         P, d = queries.shape
         K = candidates.shape[1]
         step = max(1, self.chunk_elements // (K * d))
@@ -650,20 +653,21 @@ class AnnSampler:
             )
         return self.alpha * scores
 
-    def _logits(self, queries, item_embeddings, exclusions, sequence_queries):
+    def candidate_logits(self, queries, item_embeddings, exclusions, sequence_queries=None):
+        """((P, K) GenNi logits, -inf where excluded or missing; (P, K) candidate ids)."""
         if self.query == "sequence" and sequence_queries is not None:
             return self._sequence_logits(queries, item_embeddings, exclusions, sequence_queries)
         candidates = self.candidate_ids(queries, exclusions, sequence_queries)
-        logits = self._rescore(queries, item_embeddings, candidates)
+        logits = self.rescore(queries, item_embeddings, candidates)
         blocked = (candidates < 1) | exclusions.contains(candidates.clamp(min=0))
         return logits.masked_fill(blocked, float("-inf")), candidates
 
     def _sequence_logits(self, queries, item_embeddings, exclusions, sequence_queries):
-        """As :meth:`_logits` when a sequence's positions share its candidates: the candidate
+        """As :meth:`candidate_logits` when a sequence's positions share its candidates: the candidate
         vectors are gathered once per sequence, (R, K, d), and every position is scored with one
         batched matmul over its sequence's positions (a (P, K, d) gather per position moved ~12x
         more memory), and history exclusions are looked up once per sequence."""
-        index = self._current_index()
+        index = self.current_index()
         _, I = index.search(sequence_queries.float().contiguous(), self.candidates)
         seq_candidates = I.to(queries.device)  # (R, K)
         row = exclusions.row
@@ -706,7 +710,9 @@ class AnnSampler:
         their softmax share is then the Monte-Carlo estimate of the GenNi mass outside the
         candidates, and within the tail they are drawn ∝ exp(α·s_u), as GenNi would.
         """
-        logits, candidates = self._logits(queries, item_embeddings, exclusions, sequence_queries)
+        logits, candidates = self.candidate_logits(
+            queries, item_embeddings, exclusions, sequence_queries
+        )
         if self.tail_samples:
             P = queries.shape[0]
             N = item_embeddings.shape[0] - 1
@@ -774,3 +780,69 @@ class AnnSampler:
                 queries, item_embeddings, exclusions, sequence_queries, generator
             ).double()
         return (total / draws).float()
+
+
+def make_sampler(
+    name: str,
+    *,
+    alpha: float = 1.0,
+    candidates: int = 200,
+    epsilon: float = 0.05,
+    query: str = "position",
+    tail_samples: int = 0,
+    pool_size: int = 1000,
+    popularity: np.ndarray | torch.Tensor | None = None,
+    beta: float = 1.0,
+    precision: str = "fp32",
+    index_source: object = None,
+) -> Sampler:
+    """The sampler registered as ``name`` (one of :data:`annsample.config.SAMPLER_NAMES`).
+
+    ``popularity`` (N+1,) counts serve "popularity"; ``index_source`` (an ItemIndex, or an object
+    whose ``current()`` returns one) serves "ann"; ``pool_size`` is M for "pool" and "dns";
+    ``precision`` the matmul precision of "exact_gumbel".
+    """
+    if name == "uniform":
+        return UniformSampler()
+    if name == "popularity":
+        if popularity is None:
+            raise SamplerError("sampler 'popularity' needs popularity= (N+1,) item counts")
+        return PopularitySampler(popularity, beta=beta)
+    if name == "exact":
+        return ExactSampler(alpha=alpha)
+    if name == "exact_gumbel":
+        from annsample.exact_gumbel import GumbelExactSampler  # it builds on this module
+
+        return GumbelExactSampler(alpha=alpha, precision=precision)
+    if name == "pool":
+        return PoolSampler(alpha=alpha, pool_size=pool_size)
+    if name == "dns":
+        return DNSSampler(candidates=pool_size)
+    if name == "ann":
+        if index_source is None:
+            raise SamplerError("sampler 'ann' needs index_source= (an ItemIndex or its refresher)")
+        return AnnSampler(
+            index_source,
+            alpha=alpha,
+            candidates=candidates,
+            epsilon=epsilon,
+            query=query,
+            tail_samples=tail_samples,
+        )
+    raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+
+
+def build_sampler(
+    config: SamplerConfig,
+    popularity: np.ndarray | torch.Tensor | None = None,
+    index_source: object = None,
+) -> Sampler:
+    """The sampler a run config's ``sampler`` section names (see :func:`make_sampler`)."""
+    shared = ("alpha", "candidates", "epsilon", "query", "tail_samples", "pool_size", "beta")
+    return make_sampler(
+        config.name,
+        **{key: getattr(config, key) for key in shared},
+        popularity=popularity,
+        precision=config.matmul_precision,
+        index_source=index_source,
+    )

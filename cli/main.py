@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from annsample.config import SAMPLER_NAMES
 from annsample.errors import AnnsampleError
 
 
@@ -60,6 +61,43 @@ def _check_writable(path: Path | None, flag: str) -> None:
         )
 
 
+def _json_option(help: str | None = "Write the records as a JSON list.", required: bool = False):
+    """``--json FILE`` (into ``json_path``)."""
+    path = click.Path(dir_okay=False, path_type=Path)
+    return click.option(
+        "--json", "json_path", type=path, default=None, required=required, help=help
+    )
+
+
+def _overrides_option(help: str):
+    """``--set KEY=VALUE`` (repeatable, into ``overrides``)."""
+    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=help)
+
+
+def _config_option(help: str):
+    """``--config FILE`` (into ``config_path``)."""
+    path = click.Path(dir_okay=False, path_type=Path)
+    return click.option("--config", "config_path", type=path, default=None, help=help)
+
+
+def _out_option(help: str, required: bool = False):
+    """``--out DIR`` (into ``out_dir``)."""
+    path = click.Path(path_type=Path)
+    return click.option("--out", "out_dir", type=path, default=None, required=required, help=help)
+
+
+def _count_option(*names: str, default: int, help: str | None = None, minimum: int = 1):
+    """A whole-number option of at least ``minimum`` with a shown default."""
+    kind = click.IntRange(min=minimum)
+    return click.option(*names, default=default, type=kind, show_default=True, help=help)
+
+
+def _write_json(path: Path | None, value) -> None:
+    """``value`` as indented JSON into ``path`` (nothing when None)."""
+    if path is not None:
+        path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+
+
 def _setup_logging(verbose: bool) -> None:
     rank = f"[rank {os.environ['RANK']}] " if "RANK" in os.environ else ""  # set by torchrun
     logging.basicConfig(
@@ -82,27 +120,11 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="YAML run config (default: built-in defaults = SASRec + uniform BCE on data/Beauty.txt).",
+@_config_option(
+    "YAML run config (default: built-in defaults = SASRec + uniform BCE on data/Beauty.txt)."
 )
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a config key, e.g. --set train.epochs=5 (repeatable).",
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Run folder (default runs/<date>-<name>).",
-)
+@_overrides_option("Override a config key, e.g. --set train.epochs=5 (repeatable).")
+@_out_option("Run folder (default runs/<date>-<name>).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing non-empty run folder.")
 @click.option(
     "--resume",
@@ -120,11 +142,9 @@ def main(verbose: bool) -> None:
     help="Train on a synthetic catalog of N items (e.g. 100k, 1M) instead of the config's dataset; "
     "from 100k items on, the ANN sampler and sparse embeddings are switched on (--set still wins).",
 )
-@click.option(
+@_count_option(
     "--nproc",
     default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
     help="Train on N processes with DDP (gloo on CPU, NCCL on GPUs), launched through torch's "
     "elastic launcher; train.batch_size stays the global batch.",
 )
@@ -140,9 +160,8 @@ def train(
 ) -> None:
     """Train a model and write config, metrics, checkpoint and results into the run folder."""
     from annsample.config import catalog_overrides, load_config
-    from annsample.run import run_config_path
+    from annsample.run import default_run_dir, run_config_path
     from annsample.synthetic import parse_size
-    from annsample.train import default_run_dir
     from annsample.train import train as run_training
 
     if resume_dir is not None:
@@ -182,13 +201,7 @@ def train(
 @click.option(
     "--stage", type=click.Choice(["valid", "test", "both"]), default="both", show_default=True
 )
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also write the metrics as JSON.",
-)
+@_json_option("Also write the metrics as JSON.")
 @_user_errors
 def evaluate(run_dir: Path, stage: str, json_path: Path | None) -> None:
     """Full-ranking HR/NDCG@5/10/20 of a trained run's best checkpoint."""
@@ -198,8 +211,7 @@ def evaluate(run_dir: Path, stage: str, json_path: Path | None) -> None:
     metrics = evaluate_run(run_dir, stages=("valid", "test") if stage == "both" else (stage,))
     for name, values in metrics.items():
         click.echo(_format_metrics(name, values))
-    if json_path is not None:
-        json_path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    _write_json(json_path, metrics)
 
 
 @main.command()
@@ -249,18 +261,14 @@ def export_command(
     metavar="ID,ID,...",
     help="The user's items, oldest first, comma-separated (e.g. 5,17,42).",
 )
-@click.option(
-    "-k", "k", default=10, show_default=True, type=click.IntRange(min=1), help="How many items."
-)
+@_count_option("-k", "k", default=10, help="How many items.")
 @click.option(
     "--nprobe", type=click.IntRange(min=1), default=None, help="Override the index's nprobe."
 )
 @click.option("--scores", "with_scores", is_flag=True, help="Print 'id score' lines instead.")
-@click.option(
+@_count_option(
     "--threads",
     default=1,
-    show_default=True,
-    type=click.IntRange(min=1),
     help="torch and FAISS threads (one query gains nothing from more, and waits for busy cores).",
 )
 @_user_errors
@@ -312,13 +320,7 @@ def ablate() -> None:
 
 
 @ablate.command("run")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Base YAML run config.",
-)
+@_config_option("Base YAML run config.")
 @click.option(
     "--grid",
     multiple=True,
@@ -333,19 +335,13 @@ def ablate() -> None:
     metavar="S1,S2,...",
     help="Run every combination once per seed, e.g. --seeds 0,1,2 (default: the config's seed).",
 )
-@click.option(
+@_count_option(
     "--jobs",
     default=1,
-    type=click.IntRange(min=1),
-    show_default=True,
     help="Runs trained at once, each in its own process with cores/jobs torch threads.",
 )
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Overrides for every run."
-)
-@click.option(
-    "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Folder for the runs."
-)
+@_overrides_option("Overrides for every run.")
+@_out_option("Folder for the runs.", required=True)
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -399,67 +395,35 @@ def ablate_report(out_dir: Path) -> None:
 
 @main.group()
 def bench() -> None:
-    """Benchmarks (sampler quality and speed)."""
+    """Benchmarks (sampler quality and speed, index search and refresh, distributed training)."""
+
+
+# the samplers the benches time (exact stands for exact_gumbel too)
+_MODEL_SAMPLERS = [name for name in SAMPLER_NAMES if name != "exact_gumbel"]
+
+
+def _samplers_option(help: str):
+    """``--sampler NAME`` (repeatable, into ``samplers``)."""
+    choice = click.Choice(_MODEL_SAMPLERS)
+    return click.option("--sampler", "samplers", multiple=True, type=choice, help=help)
 
 
 @bench.command("samplers")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option(
-    "--json",
-    "json_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write the records as a JSON list.",
-)
-@click.option(
-    "--sampler",
-    "samplers",
-    multiple=True,
-    type=click.Choice(["uniform", "popularity", "dns", "pool", "exact", "ann"]),
-    help="Samplers to run (default: all).",
-)
-@click.option(
-    "--queries",
-    default=256,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Probe queries timed per call.",
-)
-@click.option(
-    "--tv-queries",
-    default=32,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Probe queries for the TV distance.",
-)
-@click.option(
+@_json_option()
+@_samplers_option("Samplers to run (default: all).")
+@_count_option("--queries", default=256, help="Probe queries timed per call.")
+@_count_option("--tv-queries", default=32, help="Probe queries for the TV distance.")
+@_count_option(
     "--draws",
     default=100_000,
-    type=click.IntRange(min=1),
-    show_default=True,
     help="Draws per query for empirical TV (samplers without a closed form).",
 )
-@click.option(
-    "--repeats",
-    default=5,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Timing repeats (the median is reported).",
+@_count_option("--repeats", default=5, help="Timing repeats (the median is reported).")
+@_count_option(
+    "--softmax-negatives", default=128, help="Negatives per query for the sampled-softmax gap."
 )
-@click.option(
-    "--softmax-negatives",
-    default=128,
-    type=click.IntRange(min=1),
-    show_default=True,
-    help="Negatives per query for the sampled-softmax gap.",
-)
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Sampler setting to change, e.g. --set sampler.candidates=1000 (repeatable).",
-)
+@_overrides_option("Sampler setting to change, e.g. --set sampler.candidates=1000 (repeatable).")
 @_user_errors
 def bench_samplers_command(
     run_dir: Path,
@@ -474,12 +438,12 @@ def bench_samplers_command(
 ) -> None:
     """Speed, TV distance to exact GenNi, hardness, and sampled-softmax gap of each sampler on a
     trained run."""
-    from annsample.bench import SAMPLER_NAMES, bench_samplers, records_table
+    from annsample.bench.samplers import BENCH_SAMPLERS, bench_samplers, records_table
 
     _check_writable(json_path, "--json")
     records = bench_samplers(
         run_dir,
-        samplers or SAMPLER_NAMES,
+        samplers or BENCH_SAMPLERS,
         queries,
         tv_queries,
         draws,
@@ -488,8 +452,7 @@ def bench_samplers_command(
         overrides=overrides,
     )
     click.echo(records_table(records), nl=False)
-    if json_path is not None:
-        json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    _write_json(json_path, records)
 
 
 @bench.command("stall")
@@ -503,17 +466,9 @@ def bench_samplers_command(
 @click.option(
     "--refresh-every", default=100, show_default=True, help="Steps between index refreshes."
 )
-@click.option(
-    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Extra config overrides."
-)
-@click.option(
-    "--out",
-    "out_dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Keep the three runs here.",
-)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_overrides_option("Extra config overrides.")
+@_out_option("Keep the three runs here.")
+@_json_option(help=None)
 @_user_errors
 def bench_stall_command(
     catalog_size: str,
@@ -524,13 +479,12 @@ def bench_stall_command(
     json_path: Path | None,
 ) -> None:
     """Training stall from index refresh: no refresh vs sync vs async, in one invocation."""
-    from annsample.bench_stall import bench_stall, stall_table
+    from annsample.bench.stall import bench_stall, stall_table
     from annsample.synthetic import parse_size
 
     records = bench_stall(parse_size(catalog_size), steps, refresh_every, overrides, out_dir)
     click.echo(stall_table(records), nl=False)
-    if json_path is not None:
-        json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    _write_json(json_path, records)
 
 
 @bench.command("step")
@@ -540,13 +494,7 @@ def bench_stall_command(
     metavar="N",
     help="Synthetic catalog size (e.g. 10k, 1M), with the settings of train --catalog-size N.",
 )
-@click.option(
-    "--sampler",
-    "samplers",
-    multiple=True,
-    type=click.Choice(["uniform", "popularity", "dns", "pool", "ann", "exact"]),
-    help="Samplers to time (repeatable; default: all).",
-)
+@_samplers_option("Samplers to time (repeatable; default: all).")
 @click.option(
     "--steps",
     default=None,
@@ -554,11 +502,10 @@ def bench_stall_command(
     help="Timed steps per sampler (default: 50 from 200k items, else 30; exact GenNi stops "
     "after --max-seconds once it has 3).",
 )
-@click.option(
+@_count_option(
     "--warmup-steps",
     default=300,
-    show_default=True,
-    type=click.IntRange(min=0),
+    minimum=0,
     help="Uniform-negative training steps before timing, so GenNi is not flat.",
 )
 @click.option(
@@ -571,11 +518,10 @@ def bench_stall_command(
     type=click.FloatRange(min=0),
     help="Stop a sampler's timed steps after this long (once it has 3 steps).",
 )
-@click.option(
+@_count_option(
     "--exact-draws",
     default=10_000,
-    show_default=True,
-    type=click.IntRange(min=100),
+    minimum=100,
     help="Draws per probe query for exact GenNi's empirical TV.",
 )
 @click.option(
@@ -587,76 +533,48 @@ def bench_stall_command(
 @click.option(
     "--profile", is_flag=True, help="Profile 3 extra ann steps (torch.profiler) into its record."
 )
-@click.option(
+@_count_option(
     "--probe-queries",
     default=32,
-    show_default=True,
-    type=click.IntRange(min=1),
     help="Validation users whose hidden states measure TV, hardness, gap and recall.",
 )
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Config override, e.g. --set sampler.index.nprobe=32 (repeatable).",
-)
-@click.option(
-    "--json",
-    "json_path",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the records as a JSON list.",
-)
+@_overrides_option("Config override, e.g. --set sampler.index.nprobe=32 (repeatable).")
+@_json_option(required=True)
 @_user_errors
 def bench_step_command(
     catalog_size: str,
     samplers: tuple[str, ...],
-    steps: int | None,
-    warmup_steps: int,
-    device: str,
-    max_seconds: float,
-    exact_draws: int,
     save_probe: Path | None,
-    profile: bool,
-    probe_queries: int,
-    overrides: tuple[str, ...],
     json_path: Path,
+    **settings,
 ) -> None:
     """Full training-step and sampler time of each sampler on the same batches and warmed-up
     model, with TV to exact GenNi, hardness, softmax gap and index recall."""
-    from annsample.bench_step import STEP_SAMPLERS, bench_step, step_table
+    from annsample.bench.step import STEP_SAMPLERS, bench_step, step_table
     from annsample.synthetic import parse_size
 
     _check_writable(json_path, "--json")
     _check_writable(save_probe, "--save-probe")
     records = bench_step(
-        parse_size(catalog_size),
-        samplers or STEP_SAMPLERS,
-        steps=steps,
-        warmup_steps=warmup_steps,
-        device=device,
-        overrides=overrides,
-        probe_queries=probe_queries,
-        max_seconds=max_seconds,
-        exact_draws=exact_draws,
-        save_probe=save_probe,
-        profile=profile,
+        parse_size(catalog_size), samplers or STEP_SAMPLERS, save_probe=save_probe, **settings
     )
     click.echo(step_table(records), nl=False)
-    json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    _write_json(json_path, records)
+
+
+_METRIC_CHOICE = click.Choice(["ip", "l2_augmented", "cosine"])
 
 
 @bench.command("index")
 @click.argument("probe_file", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--k", "k", default=200, show_default=True, type=click.IntRange(min=1))
+@_count_option("--k", "k", default=200)
 @click.option("--nlist", "nlists", multiple=True, type=click.IntRange(min=1), help="Repeatable.")
 @click.option("--nprobe", "nprobes", multiple=True, type=click.IntRange(min=1), help="Repeatable.")
 @click.option(
     "--metric",
     "metrics",
     multiple=True,
-    type=click.Choice(["ip", "l2_augmented", "cosine"]),
+    type=_METRIC_CHOICE,
     help="ivf_flat metrics (repeatable; default ip).",
 )
 @click.option(
@@ -667,7 +585,7 @@ def bench_step_command(
     help="Index kinds (repeatable; default ivf_flat).",
 )
 @click.option("--ef-search", "ef_searches", multiple=True, type=click.IntRange(min=1))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@_json_option(help=None)
 @_user_errors
 def bench_index_command(
     probe_file: Path,
@@ -681,7 +599,7 @@ def bench_index_command(
 ) -> None:
     """Recall@k against search ms of index configurations, on the item table and probe queries
     saved by bench step --save-probe."""
-    from annsample.bench_index import index_sweep, load_probe, sweep_table
+    from annsample.bench.index import index_sweep, load_probe, sweep_table
 
     _check_writable(json_path, "--json")
     xq, xb = load_probe(probe_file)
@@ -696,8 +614,135 @@ def bench_index_command(
         ef_searches=ef_searches or (256, 512),
     )
     click.echo(sweep_table(records), nl=False)
-    if json_path is not None:
-        json_path.write_text(json.dumps(records, indent=2) + "\n", encoding="utf-8")
+    _write_json(json_path, records)
+
+
+def _repeated_option(flag: str, dest: str, default: tuple[int, ...], what: str):
+    """A repeatable whole-number option whose default is a list, e.g. ``--n 1000 --n 10000``."""
+    shown = " ".join(map(str, default))
+    return click.option(
+        flag,
+        dest,
+        multiple=True,
+        type=click.IntRange(min=1),
+        default=default,
+        help=f"{what} (repeatable; default {shown}).",
+    )
+
+
+@bench.command("refresh")
+@_repeated_option("--n", "ns", (100_000,), "Catalog size")
+@_count_option("--dim", default=64)
+@_count_option("--nlist", default=1024)
+@_count_option("--repeats", default=3, help="Median of this many runs.")
+@_repeated_option("--nprobe", "nprobes", (1, 8, 32, 128), "Lists probed")
+@_count_option("--k", "k", default=100)
+@_count_option("--queries", default=1000)
+@click.option("--metric", type=_METRIC_CHOICE, default="ip", show_default=True)
+@click.option("--seed", default=0, show_default=True, type=int)
+@_json_option("Write the report here.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@_user_errors
+def bench_refresh_command(
+    ns: tuple[int, ...],
+    dim: int,
+    nlist: int,
+    repeats: int,
+    nprobes: tuple[int, ...],
+    k: int,
+    queries: int,
+    metric: str,
+    seed: int,
+    json_path: Path | None,
+    no_progress: bool,
+) -> None:
+    """Refresh cost of the item index: build, re_add and retrain times, assignment GFLOP/s and
+    recall@k, on a clustered synthetic catalog (FAISS backend)."""
+    from annsample.bench.refresh import format_table, machine_line, run_benchmark
+
+    _check_writable(json_path, "--json")
+    report = run_benchmark(
+        list(ns),
+        dim=dim,
+        nlist=nlist,
+        repeats=repeats,
+        nprobes=list(nprobes),
+        k=k,
+        n_queries=queries,
+        metric=metric,
+        seed=seed,
+        show_progress=not no_progress,
+    )
+    click.echo(machine_line(report))
+    click.echo(format_table(report))
+    _write_json(json_path, report)
+
+
+@bench.command("ivf")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@_repeated_option("--n", "ns", (100_000,), "Catalog size")
+@_count_option("--dim", default=64)
+@click.option("--nlist", type=click.IntRange(min=1), default=None, help="Default: about sqrt(N).")
+@_repeated_option("--nprobe", "nprobes", (8, 16, 32), "Lists probed")
+@_count_option("--k", "k", default=100)
+@_repeated_option("--queries", "query_counts", (256,), "Queries per search")
+@_count_option("--repeats", default=5, help="Median of this many runs.")
+@_count_option("--threads", default=1, help="torch (and faiss) threads.")
+@click.option("--samplers", is_flag=True, help="Also time the exact GenNi samplers.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@_json_option("Write the report here (after every catalog size).")
+@_user_errors
+def bench_ivf_command(json_path: Path | None, **settings) -> None:
+    """Search and exact-sampling cost on one device: torch IVF vs FAISS IVF vs exact scoring."""
+    from annsample.bench.ivf import bench_ivf, format_table
+
+    _check_writable(json_path, "--json")
+    report = bench_ivf(json_path=json_path, **settings)
+    click.echo(json.dumps(report["machine"], default=str))
+    click.echo(format_table(report["records"]), nl=False)
+
+
+@bench.command("ddp")
+@_config_option("YAML run config (default configs/beauty.yaml).")
+@_count_option("--steps", default=100, help="Training steps per run.")
+@_count_option("--nproc", default=2, help="Processes of the distributed runs.")
+@_count_option("--repeats", default=1, help="Rounds; medians are reported.")
+@_overrides_option("Config override for every run (repeatable).")
+@click.option(
+    "--sparse-probe",
+    "sparse_probe_sizes",
+    multiple=True,
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Also probe one DDP backward on an N-row embedding table (repeatable).",
+)
+@_json_option("Write the report here.")
+@_user_errors
+def bench_ddp_command(
+    config_path: Path | None,
+    steps: int,
+    nproc: int,
+    repeats: int,
+    overrides: tuple[str, ...],
+    sparse_probe_sizes: tuple[int, ...],
+    json_path: Path | None,
+) -> None:
+    """Distributed-training cost: one process against --nproc (DDP over gloo), dense and sparse
+    item gradients, and what DDP does with sparse embedding gradients."""
+    from annsample.bench.ddp import bench_ddp
+
+    _check_writable(json_path, "--json")
+    report = bench_ddp(
+        str(config_path or "configs/beauty.yaml"),
+        steps,
+        nproc,
+        overrides,
+        repeats,
+        sparse_probe_sizes,
+        command=" ".join(["annsample bench ddp", *sys.argv[3:]]),
+    )
+    click.echo(json.dumps(report, indent=2))
+    _write_json(json_path, report)
 
 
 def _launch(

@@ -3,7 +3,7 @@
 # timings at 1M and 10M items, and `annsample bench step` at 1M and 10M for uniform, exact and ann
 # (torch IVF, and FAISS GPU if it loads). Everything lands in $OUT (at most 6 files):
 #   log.txt                      all output, environment first
-#   bench_ivf_cuda.json          python -m annsample.bench_ivf --device cuda (torch only, no faiss)
+#   bench_ivf_cuda.json          annsample bench ivf --device cuda (torch only, no faiss)
 #   step_1M.json, step_10M.json  annsample bench step, ann on the torch_ivf backend
 #   step_*_faiss_gpu.json        the same ann step on FAISS GPU, only if faiss sees a GPU
 #
@@ -51,17 +51,18 @@ echo "faiss GPU usable: $FAISS_GPU"
 
 stamp "1/3 CUDA tests (pytest -m gpu)"
 timeout 120 "$PY" -m pytest -q -p no:cacheprovider -m gpu -rs \
-  tests/test_torch_ivf.py tests/test_exact_gumbel.py
+  tests/test_index_torch_ivf.py tests/test_exact_gumbel.py
 echo "pytest exit status: $?"
 
 stamp "2/3 torch-only timings: exact top-k vs torch_ivf search, exact GenNi samplers"
-timeout 200 "$PY" -m annsample.bench_ivf --device cuda --n 1000000 10000000 \
-  --queries 256 12800 --nprobe 8 16 32 --k 200 --repeats 3 --threads 16 --samplers \
+timeout 200 "$PY" -m annsample.cli bench ivf --device cuda --n 1000000 --n 10000000 \
+  --queries 256 --queries 12800 --nprobe 8 --nprobe 16 --nprobe 32 --k 200 --repeats 3 \
+  --threads 16 --samplers \
   --json "$OUT/bench_ivf_cuda.json"
 echo "bench_ivf exit status: $?"
 
 stamp "3/3 annsample bench step (uniform, exact, ann on torch_ivf; FAISS GPU if usable)"
-if "$PY" -c 'import annsample.bench_step' 2>/dev/null; then
+if "$PY" -c 'import annsample.bench.step' 2>/dev/null; then
   for size in 1M 10M; do
     limit=$([ "$size" = 1M ] && echo 100 || echo 150)
     timeout "$limit" "${ANNSAMPLE[@]}" bench step --catalog-size "$size" \
@@ -77,7 +78,7 @@ if "$PY" -c 'import annsample.bench_step' 2>/dev/null; then
     fi
   done
 else
-  echo "skipped: this checkout has no annsample.bench_step (the 'bench step' command)"
+  echo "skipped: this checkout has no annsample.bench.step (the 'bench step' command)"
 fi
 stamp "done"
 }

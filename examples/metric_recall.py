@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from annsample.bench_metric import metric_recall, records_table, run_queries
+from annsample.bench.metric import metric_recall, records_table, run_queries
 from annsample.index import default_nlist
 
 

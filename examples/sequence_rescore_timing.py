@@ -48,11 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     def per_position():
         ids = sampler.candidate_ids(queries, exclusions, sequence_queries)
-        logits = sampler._rescore(queries, items, ids)
+        logits = sampler.rescore(queries, items, ids)
         return logits.masked_fill(exclusions.contains(ids.clamp(min=0)), float("-inf"))
 
     def per_sequence():
-        return sampler._logits(queries, items, exclusions, sequence_queries)[0]
+        return sampler.candidate_logits(queries, items, exclusions, sequence_queries)[0]
 
     assert torch.allclose(per_position(), per_sequence(), atol=1e-4)
     times: dict[str, list[float]] = {"per_position": [], "per_sequence": []}

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from annsample import data as data_mod
-from annsample.evaluate import metrics_from_ranks
+from annsample.distributed import resolve_device
+from annsample.evaluate import eval_users, metrics_from_ranks
+from annsample.prepare import prepare_data
 from annsample.run import evaluate_run, load_model, load_run
-from annsample.train import eval_users, prepare_data, resolve_device
 
 
 @torch.no_grad()

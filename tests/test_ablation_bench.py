@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from annsample.bench import bench_samplers
+from annsample.bench.samplers import bench_samplers
 from annsample.config import load_config
 from annsample.errors import ConfigError
 from annsample.train import train
@@ -76,7 +76,7 @@ def test_bench_samplers_overrides_change_the_sampler_not_the_model(tiny_run):
 
 
 def test_bench_stall_runs_three_modes(tmp_path):
-    from annsample.bench_stall import bench_stall, stall_table
+    from annsample.bench.stall import bench_stall, stall_table
 
     records = bench_stall(
         n_items=2000,
@@ -105,7 +105,7 @@ def test_bench_stall_runs_three_modes(tmp_path):
 
 
 def test_softmax_gap_vanishes_for_the_model_softmax_and_grows_with_a_poorer_proposal():
-    from annsample.bench import softmax_gap
+    from annsample.bench.samplers import softmax_gap
     from annsample.samplers import ExactSampler, Exclusions, UniformSampler
 
     g = torch.Generator().manual_seed(0)
@@ -131,7 +131,7 @@ def test_softmax_gap_vanishes_for_the_model_softmax_and_grows_with_a_poorer_prop
 def test_bench_stall_configs_load_at_a_million_items():
     # --catalog-size sets a refresh interval; refresh=never must not carry it (ignored settings
     # are errors), sync / async must
-    from annsample.bench_stall import stall_configs
+    from annsample.bench.stall import stall_configs
     from annsample.config import IndexConfig
 
     configs = stall_configs(1_000_000, steps=400, refresh_every=100)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from annsample.bench_index import index_sweep, load_probe, sweep_table
+from annsample.bench.index import index_sweep, load_probe, sweep_table
 from annsample.errors import ConfigError
 
 

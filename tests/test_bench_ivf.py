@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 
 import torch
+from click.testing import CliRunner
 
-from annsample import bench_ivf
+from annsample.bench import ivf as bench_ivf
+from annsample.cli.main import main
 
 
 def test_full_probe_has_recall_one_and_every_record_is_timed():
@@ -37,13 +39,12 @@ def test_full_probe_has_recall_one_and_every_record_is_timed():
     assert "| 3,000 | 16 | torch_ivf/lists | 12 |" in table
 
 
-def test_main_writes_the_report(tmp_path, capsys):
+def test_the_command_writes_the_report(tmp_path):
     out = tmp_path / "report.json"
-    bench_ivf.main(
-        ["--n", "2000", "--dim", "8", "--nlist", "8", "--nprobe", "2", "--k", "5",
-         "--queries", "8", "--repeats", "1", "--json", str(out)]
-    )  # fmt: skip
+    args = "bench ivf --n 2000 --dim 8 --nlist 8 --nprobe 2 --k 5 --queries 8 --repeats 1"
+    result = CliRunner().invoke(main, [*args.split(), "--json", str(out)])
+    assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["machine"]["torch_threads"] == 1
     assert {r["kind"] for r in report["records"]} == {"search", "build"}
-    assert "torch_ivf/lists" in capsys.readouterr().out
+    assert "torch_ivf/lists" in result.output

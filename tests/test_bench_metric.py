@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from annsample.bench_metric import metric_recall, records_table
+from annsample.bench.metric import metric_recall, records_table
 
 
 def test_metric_recall_is_monotone_in_nprobe_and_exact_at_full_probe():

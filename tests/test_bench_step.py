@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from annsample.bench_step import ann_marginal, bench_step, dns_probabilities, pool_marginal
+from annsample.bench.step import ann_marginal, bench_step, dns_probabilities, pool_marginal
 from annsample.cli.main import main
 from annsample.errors import ConfigError
 from annsample.samplers import AnnSampler, DNSSampler, Exclusions, PoolSampler, genni_log_probs

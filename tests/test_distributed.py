@@ -244,7 +244,7 @@ def test_decorrelate_gives_other_ranks_their_own_streams():
 
 @pytest.mark.slow
 def test_ddp_reduces_sparse_gradients_to_the_union_of_the_ranks_rows():
-    from annsample.bench_ddp import sparse_probe
+    from annsample.bench.ddp import sparse_probe
 
     result = sparse_probe(n=2_000, d=8, rows=300, repeats=1)
     assert result["sparse_grad_is_sparse"] and not result["dense_grad_is_sparse"]

@@ -302,7 +302,8 @@ def test_untrained_all_equal_model_scores_at_chance_end_to_end(tmp_path):
     """The review's reproduction: zero-initialised SASRec, no real update, full `train` pipeline."""
     from annsample import data as data_mod
     from annsample.config import load_config
-    from annsample.train import prepare_data, train
+    from annsample.prepare import prepare_data
+    from annsample.train import train
 
     config = load_config(
         "configs/tiny.yaml",

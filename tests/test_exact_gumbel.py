@@ -171,11 +171,11 @@ def test_cuda_draws_follow_the_proposal(problem, precision):
 
 def test_registered_as_a_sampler_name():
     from annsample.config import load_config
-    from annsample.train import build_sampler
+    from annsample.samplers import build_sampler
 
     config = load_config(
         None, ("sampler.name=exact_gumbel", "sampler.matmul_precision=bf16", "sampler.alpha=2")
     )
-    sampler = build_sampler(config, prepared=None)
+    sampler = build_sampler(config.sampler)
     assert isinstance(sampler, GumbelExactSampler)
     assert sampler.precision == "bf16" and sampler.alpha == 2.0

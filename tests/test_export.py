@@ -28,6 +28,7 @@ from annsample.export import (
     parse_history,
     read_manifest,
 )
+from annsample.prepare import prepare_data
 from annsample.run import load_model, load_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,7 +83,7 @@ def test_export_writes_model_embeddings_index_and_manifest(run, exported):
     assert manifest["versions"]["faiss"] == faiss.__version__
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(REPO)
-        prepared = train_mod.prepare_data(load_config(TINY, OVERRIDES))
+        prepared = prepare_data(load_config(TINY, OVERRIDES))
     assert manifest["catalog"] == ckpt.catalog_summary(prepared.split)
     best = torch.load(run / "best.pt", weights_only=True)
     xb = np.load(exported / "item_embeddings.npy")

@@ -12,24 +12,11 @@ from pathlib import Path
 import faiss
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from conftest import D_MODEL, gaussian_mixture
 
 import annsample.index as index_module
 from annsample.errors import ItemIndexError
 from annsample.index import ItemIndex, exact_topk, recall_at_k
-
-D_MODEL = 16
-
-
-def gaussian_mixture(
-    n: int, d: int = D_MODEL, clusters: int = 32, seed: int = 0, spread: float = 0.35
-) -> torch.Tensor:
-    """(n, d) float32 rows around `clusters` random centres: IVF-shaped data, unlike uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(clusters, d, generator=g)
-    members = torch.randint(0, clusters, (n,), generator=g)
-    return centres[members] + spread * torch.randn(n, d, generator=g)
 
 
 def hub_norms(n: int, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,60 +36,8 @@ def hub_norms(n: int, d: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.T
     return directions(n) * norms, directions(300)
 
 
-@pytest.fixture(scope="module")
-def mixture() -> torch.Tensor:
-    return gaussian_mixture(4000)
-
-
-@pytest.fixture(scope="module")
-def queries() -> torch.Tensor:
-    return gaussian_mixture(200, seed=1)
-
-
 def faiss_index(metric: str = "ip", nlist: int = 32, nprobe: int = 4, **kwargs) -> ItemIndex:
     return ItemIndex(D_MODEL, nlist=nlist, nprobe=nprobe, backend="faiss", metric=metric, **kwargs)
-
-
-# ----------------------------------------------------------------------------- exact reference
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    n=st.integers(1, 300),
-    nq=st.integers(1, 20),
-    k_fraction=st.floats(0.0, 1.0),
-    chunk_size=st.integers(1, 64),
-    seed=st.integers(0, 2**16),
-)
-def test_exact_topk_matches_brute_force(n, nq, k_fraction, chunk_size, seed):
-    g = torch.Generator().manual_seed(seed)
-    xb, xq = torch.randn(n, 8, generator=g), torch.randn(nq, 8, generator=g)
-    k = max(1, round(k_fraction * n))
-    D, I = exact_topk(xq, xb, k, chunk_size=chunk_size)
-    D_ref, _ = (xq @ xb.T).topk(k, dim=1)
-    assert D.shape == I.shape == (nq, k) and I.dtype == torch.int64
-    torch.testing.assert_close(D, D_ref)
-    # The ids score what D says (ties may swap ids, never scores).
-    torch.testing.assert_close((xq[:, None, :] * xb[I]).sum(-1), D)
-    assert all(len(set(row.tolist())) == k for row in I)
-
-
-def test_exact_topk_blocks_queries_without_changing_results(monkeypatch):
-    xb, xq = gaussian_mixture(500), gaussian_mixture(300, seed=3)
-    D_ref, I_ref = exact_topk(xq, xb, 7)
-    monkeypatch.setattr(index_module, "_BLOCK_ELEMENTS", 64)  # forces many query blocks
-    D, I = exact_topk(xq, xb, 7, chunk_size=50)
-    torch.testing.assert_close(D, D_ref)
-    assert torch.equal(I, I_ref)
-
-
-def test_recall_at_k_hand_computed():
-    exact = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
-    approx = torch.tensor([[4, 9, 1, -1], [-1, -1, -1, -1]])
-    assert recall_at_k(approx, exact) == pytest.approx((2 / 4 + 0 / 4) / 2)
-    assert recall_at_k(exact, exact) == 1.0
-    # -1 in the exact result shrinks that row's denominator instead of counting as a hit.
-    assert recall_at_k(torch.tensor([[3, -1]]), torch.tensor([[3, -1]])) == 1.0
 
 
 # ----------------------------------------------------------------------------- IVF behaviour
@@ -324,17 +259,6 @@ def test_concurrent_searches_agree_with_sequential(mixture, queries):
         assert torch.equal(I, expected[1]) and torch.equal(D, expected[0])
 
 
-def test_small_training_set_warns_once(caplog, monkeypatch):
-    monkeypatch.setattr(index_module, "_warned_small_training_sets", set())
-    xb = gaussian_mixture(300)
-    with caplog.at_level(logging.WARNING, logger="annsample.index"):
-        index = faiss_index(nlist=16).build(xb, ids=torch.arange(len(xb)))
-        index.retrain(xb, step=1)
-        faiss_index(nlist=16).build(xb, ids=torch.arange(len(xb)))
-    warnings = [r for r in caplog.records if "39 per centroid" in r.getMessage()]
-    assert len(warnings) == 1
-
-
 def test_max_train_points_subsamples(mixture, caplog):
     # 40 points per centroid: enough for FAISS's advice, a tenth of the data.
     with caplog.at_level(logging.WARNING, logger="annsample.index"):
@@ -522,50 +446,20 @@ def test_search_and_refresh_validate_their_input(mixture, queries):
     assert index.version == 0  # failed refreshes leave the index untouched
 
 
-def test_exact_topk_and_recall_validate_input(mixture, queries):
-    with pytest.raises(
-        ItemIndexError, match=r"k=4001 must be between 1 and the number of rows N=4000"
-    ):
-        exact_topk(queries, mixture, 4001)
-    with pytest.raises(ItemIndexError, match="chunk_size=0 must be positive"):
-        exact_topk(queries, mixture, 5, chunk_size=0)
-    with pytest.raises(ItemIndexError, match="I_approx has shape"):
-        recall_at_k(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(ItemIndexError, match="no valid ids"):
-        recall_at_k(torch.zeros(1, 2, dtype=torch.long), torch.full((1, 2), -1))
-
-
 def test_index_never_imports_the_model_or_training():
-    tree = ast.parse(Path(index_module.__file__).read_text())
-    imported = {
-        alias.name
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Import)
-        for alias in node.names
-    } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    # annsample.torch_ivf is torch only (tests/test_imports.py checks it imports no model either)
-    assert {name for name in imported if name and name.startswith("annsample")} == {
-        "annsample.errors",
-        "annsample.torch_ivf",
+    imported = set()
+    for path in Path(index_module.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported |= {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    # the index package imports itself, its errors and the config's name registry, nothing else
+    outside = {
+        n
+        for n in imported
+        if n and n.startswith("annsample") and not n.startswith("annsample.index")
     }
-
-
-@settings(max_examples=50, deadline=None)
-@given(n=st.integers(1, 10**8))
-def test_default_nlist_and_nprobe_follow_one_rule(n):
-    nlist = index_module.default_nlist(n)
-    assert 1 <= nlist <= max(1, n // index_module.MIN_POINTS_PER_CENTROID)
-    assert nlist == 1 or abs(nlist - n**0.5) <= 0.5 or nlist == n // 39
-    nprobe = index_module.default_nprobe(nlist)
-    assert 1 <= nprobe <= nlist and nprobe * 8 >= nlist
-    assert index_module.resolve_nlist_nprobe(0, 0, n) == (nlist, nprobe)
-
-
-def test_nlist_errors_point_at_the_default_rule(mixture):
-    rule = index_module.default_nlist(100)
-    with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule} "):
-        index_module.resolve_nlist_nprobe(500, 0, 100)
-    with pytest.raises(ItemIndexError, match=rf"default_nlist\(N\) = {rule}:"):
-        faiss_index(nlist=500).build(mixture[:100])
-    with pytest.raises(ItemIndexError, match=r"default_nprobe\(nlist\) = 2 "):
-        index_module.resolve_nlist_nprobe(16, 32, 100)
+    assert outside == {"annsample.errors", "annsample.config"}

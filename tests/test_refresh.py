@@ -390,39 +390,3 @@ def test_refresher_works_with_the_exact_backend():
             assert torch.equal(
                 index.search(queries, 5)[1], exact_topk(queries, embeddings_at(step), 5)[1]
             )
-
-
-def test_bench_refresh_runs_end_to_end(tmp_path):
-    from annsample.bench_refresh import format_table, main, run_benchmark
-
-    report = run_benchmark(
-        [3000], dim=8, nlist=8, repeats=1, nprobes=(1, 8), k=10, n_queries=20, show_progress=False
-    )
-    (record,) = report["results"]
-    assert record["recall@10"]["8"]["recall"] == 1.0  # nprobe == nlist is exact
-    assert record["recall@10"]["1"]["recall"] <= 1.0
-    assert record["assign_gflop"] == pytest.approx(2 * 3000 * 8 * 8 / 1e9)
-    assert "| 3,000 |" in format_table(report)
-    out = tmp_path / "bench.json"
-    main(
-        [
-            "--n",
-            "2000",
-            "--dim",
-            "8",
-            "--nlist",
-            "8",
-            "--repeats",
-            "1",
-            "--nprobe",
-            "8",
-            "--k",
-            "5",
-            "--queries",
-            "10",
-            "--no-progress",
-            "--json",
-            str(out),
-        ]
-    )
-    assert out.exists()

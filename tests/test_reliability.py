@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from annsample import checkpoint as ckpt
+from annsample import staleness
 from annsample import train as train_mod
 from annsample.cli.main import main
 from annsample.config import (
@@ -271,13 +272,13 @@ class _NanGradient(torch.autograd.Function):
 
 
 def test_non_finite_gradients_stop_training_before_the_update(tmp_path, monkeypatch):
-    original = train_mod._step_loss
+    original = train_mod.step_loss
 
     def nan_gradients_from_step_5(*args):
         loss = original(*args)
-        return _NanGradient.apply(loss) if args[9] >= 4 else loss  # args[9]: steps done
+        return _NanGradient.apply(loss) if args[7] >= 4 else loss  # args[7]: steps done
 
-    monkeypatch.setattr(train_mod, "_step_loss", nan_gradients_from_step_5)
+    monkeypatch.setattr(train_mod, "step_loss", nan_gradients_from_step_5)
     monkeypatch.chdir(REPO)
     with pytest.raises(NumericalError) as error:
         train_mod.train(load_config(TINY, NAN_RUN), tmp_path / "run")
@@ -289,7 +290,7 @@ def test_non_finite_gradients_stop_training_before_the_update(tmp_path, monkeypa
 
 
 def test_the_index_is_not_refreshed_from_non_finite_embeddings(tmp_path, monkeypatch):
-    original = train_mod._index_snapshot
+    original = staleness.item_table_snapshot
     calls = []
 
     def nan_after_the_build(model):
@@ -297,7 +298,7 @@ def test_the_index_is_not_refreshed_from_non_finite_embeddings(tmp_path, monkeyp
         table = original(model)
         return table * float("nan") if len(calls) >= 3 else table
 
-    monkeypatch.setattr(train_mod, "_index_snapshot", nan_after_the_build)
+    monkeypatch.setattr(staleness, "item_table_snapshot", nan_after_the_build)
     monkeypatch.chdir(REPO)
     ann = ("sampler.name=ann", "sampler.index.nlist=16", "sampler.index.nprobe=4")
     config = load_config(TINY, (*NAN_RUN, *ann, "sampler.index.refresh_every=3"))

@@ -334,7 +334,7 @@ def test_ann_tail_log_q_gives_an_unbiased_partition_estimate(problem):
 
 
 def test_ann_tail_keeps_the_sampled_softmax_close_to_full_softmax():
-    from annsample.bench import softmax_gap
+    from annsample.bench.samplers import softmax_gap
 
     n, d = 2000, 16
     g = torch.Generator().manual_seed(0)
@@ -398,10 +398,10 @@ def test_ann_sequence_logits_match_the_per_position_path(problem, permute):
     index = BruteForceIndex(items[1:], torch.arange(1, N + 1))
     sampler = AnnSampler(index, candidates=10, alpha=1.5, query="sequence")
     sequence_queries = torch.randn(3, D, generator=torch.Generator().manual_seed(5))
-    logits, candidates = sampler._logits(queries, items, exclusions, sequence_queries)
+    logits, candidates = sampler.candidate_logits(queries, items, exclusions, sequence_queries)
     reference_ids = sampler.candidate_ids(queries, exclusions, sequence_queries)
     blocked = (reference_ids < 1) | exclusions.contains(reference_ids.clamp(min=0))
-    reference = sampler._rescore(queries, items, reference_ids).masked_fill(blocked, float("-inf"))
+    reference = sampler.rescore(queries, items, reference_ids).masked_fill(blocked, float("-inf"))
     assert torch.equal(candidates, reference_ids)
     assert torch.equal(torch.isinf(logits), torch.isinf(reference)) and bool(blocked.any())
     finite = torch.isfinite(reference)

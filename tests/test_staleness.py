@@ -53,7 +53,7 @@ def test_async_requests_count_as_built_only_once_published_and_skipped_ones_neve
         snapshots.sync(refresher.current().version)
         assert refresher.current().version == 30
         assert torch.equal(snapshots.built, table(30))
-        assert snapshots._pending == {}  # the skipped step-20 snapshot is not kept
+        assert snapshots.pending_steps == []  # the skipped step-20 snapshot is not kept
 
 
 def test_snapshots_follow_versions_in_order_and_without_drift_measurement_keep_nothing():
@@ -61,9 +61,9 @@ def test_snapshots_follow_versions_in_order_and_without_drift_measurement_keep_n
     snapshots.requested(5, table(5))
     snapshots.requested(9, table(9))
     snapshots.sync(5)
-    assert torch.equal(snapshots.built, table(5)) and list(snapshots._pending) == [9]
+    assert torch.equal(snapshots.built, table(5)) and snapshots.pending_steps == [9]
     snapshots.sync(9)
-    assert torch.equal(snapshots.built, table(9)) and not snapshots._pending
+    assert torch.equal(snapshots.built, table(9)) and not snapshots.pending_steps
     unmeasured = BuiltSnapshots(None)
     unmeasured.requested(5, table(5))
     unmeasured.sync(5)

@@ -1,8 +1,8 @@
 """Pure-torch IVF search: inverted lists as ids sorted by list with offsets, on any torch device.
 
 The ``torch_ivf`` backend of :class:`annsample.index.ItemIndex` (which trains the centroids with its
-k-means and owns refresh, ids and metrics) stores its lists with :func:`build_inverted_lists` and
-searches them with :func:`search_inverted_lists`. Nothing here needs FAISS, so the backend runs
+k-means and owns refresh, ids and metrics) stores its lists with :func:`build_inverted_lists` (its
+backend builder is :func:`build_store`) and searches them with :func:`search_inverted_lists`. Nothing here needs FAISS, so the backend runs
 wherever torch runs, on the model's device:
 
 - assignment (:func:`assign_to_lists`) is a blocked matmul + argmax against the centroids;
@@ -118,6 +118,18 @@ class InvertedLists:
         out = torch.empty_like(self.xb)
         out[self.rows] = self.xb
         return out
+
+    def search(self, xq: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backend search of :class:`annsample.index.ItemIndex`: see :func:`search_inverted_lists`."""
+        return search_inverted_lists(self, xq, k, nprobe)
+
+
+def build_store(
+    stored: torch.Tensor, centroids: torch.Tensor, metric: str, aliased: bool = False
+) -> InvertedLists:
+    """The ``torch_ivf`` backend of ItemIndex: lists over ``stored`` (N, d') on its device (a copy,
+    so ``aliased`` needs nothing); the coarse quantizer is L2 for metric "l2_augmented"."""
+    return build_inverted_lists(stored, centroids, l2=metric == "l2_augmented")
 
 
 def build_inverted_lists(

@@ -1,7 +1,7 @@
 """Distributed-training cost: one process against N (DDP over gloo), and what DDP does with sparse
 item-embedding gradients.
 
-``python -m annsample.bench_ddp --config configs/beauty.yaml --steps 100`` runs, in one invocation,
+``annsample bench ddp --config configs/beauty.yaml --steps 100`` runs, in one invocation,
 ``annsample train`` for ``steps`` steps on 1 and on ``--nproc`` processes (dense and sparse item
 gradients), and reads steps/s and samples/s (sequences of the global batch per second) off each
 run's ``train/epoch_seconds`` (training only: evaluation excluded). ``--sparse-probe`` adds a
@@ -12,7 +12,6 @@ time of a backward + all-reduce with a sparse and a dense table.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -161,29 +160,19 @@ def sparse_probe(
     return {"n": n, "d": d, "rows_per_rank": rows, "world": world, **result}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/beauty.yaml")
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=1, help="Rounds; medians are reported.")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--sparse-probe", type=int, nargs="*", default=[], metavar="N")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    report: dict[str, Any] = {
-        "command": " ".join(["python -m annsample.bench_ddp", *(argv or sys.argv[1:])]),
-        "runs": bench_processes(
-            args.config, args.steps, args.nproc, tuple(args.overrides), args.repeats
-        ),
-        "sparse_probe": [sparse_probe(n) for n in args.sparse_probe],
+def bench_ddp(
+    config: str,
+    steps: int = 100,
+    nproc: int = 2,
+    overrides: tuple[str, ...] = (),
+    repeats: int = 1,
+    sparse_probe_sizes: tuple[int, ...] = (),
+    command: str = "annsample bench ddp",
+) -> dict[str, Any]:
+    """The report of ``annsample bench ddp``: ``{"command", "runs", "sparse_probe"}`` (see
+    :func:`bench_processes` and :func:`sparse_probe`)."""
+    return {
+        "command": command,
+        "runs": bench_processes(config, steps, nproc, overrides, repeats),
+        "sparse_probe": [sparse_probe(n) for n in sparse_probe_sizes],
     }
-    text = json.dumps(report, indent=2)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-    sys.stdout.write(text + "\n")
-
-
-if __name__ == "__main__":
-    main()

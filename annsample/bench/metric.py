@@ -79,8 +79,8 @@ def run_queries(
         xb: (N, d) float32 item embeddings without the padding row.
     """
     from annsample import data as data_mod
+    from annsample.prepare import prepare_data
     from annsample.run import load_model, load_run
-    from annsample.train import prepare_data
 
     config, checkpoint = load_run(run_dir)
     prepared = prepare_data(config)

@@ -1,6 +1,6 @@
 """Search and exact-sampling cost on one device: torch IVF vs FAISS IVF vs exact scoring.
 
-Run ``python -m annsample.bench_ivf --device cpu --n 100000 1000000 --json out.json`` (CPU: the
+Run ``annsample bench ivf --device cpu --n 100000 --n 1000000 --json out.json`` (CPU: the
 ``torch_ivf`` and ``faiss`` backends against ``exact_topk``) or ``--device cuda --samplers`` (also
 the exact GenNi samplers: chunked Gumbel-max in fp32 / tf32 / bf16 and the reservoir
 ``ExactSampler``). Nothing here needs FAISS: its rows are skipped when it is not installed (or,
@@ -15,7 +15,6 @@ the same nlist and seed.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -29,10 +28,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from annsample.errors import RunError
 from annsample.exact_gumbel import GumbelExactSampler
-from annsample.index import ItemIndex, _faiss_gpu_available, exact_topk, faiss, recall_at_k
+from annsample.index import ItemIndex, exact_topk, faiss_ivf, recall_at_k
+from annsample.index.torch_ivf import SEARCH_METHODS, search_inverted_lists
 from annsample.samplers import ExactSampler, Exclusions
-from annsample.torch_ivf import SEARCH_METHODS, search_inverted_lists
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,8 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[l
 def available_backends(device: torch.device) -> list[str]:
     """The IVF backends that can run on ``device`` here."""
     if device.type == "cuda":
-        return ["torch_ivf"] + (["faiss-gpu"] if _faiss_gpu_available() else [])
-    return ["torch_ivf"] + (["faiss"] if faiss is not None else [])
+        return ["torch_ivf"] + (["faiss-gpu"] if faiss_ivf.gpu_available() else [])
+    return ["torch_ivf"] + (["faiss"] if faiss_ivf.available() else [])
 
 
 def bench_size(
@@ -142,7 +142,7 @@ def _search_records(
         (index.backend, lambda xq, nprobe: index.search(xq, k))
     ]
     if index.backend == "torch_ivf":
-        lists = index._contents.lists  # metric "ip": the stored space is the caller's space
+        lists = index.contents  # metric "ip": the stored space is the caller's space
         variants = [
             (f"torch_ivf/{method}",
              lambda xq, nprobe, method=method: search_inverted_lists(
@@ -199,7 +199,7 @@ def machine(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
         "device": str(device),
         "torch": torch.__version__,
-        "faiss": None if faiss is None else faiss.__version__,
+        "faiss": faiss_ivf.faiss.__version__ if faiss_ivf.available() else None,
         "torch_threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
         "cpu": platform.processor() or "unknown",
@@ -251,70 +251,55 @@ def format_table(records: list[dict[str, Any]]) -> str:
             + (f"{r['ivf_ms']:.1f} | {r['speedup']:.1f} |" if r["ivf"] else "- | - |")
             for r in summary
         ]
-    builds = [r for r in records if r["kind"] == "build"]
-    if builds:
-        lines += ["", "| N | backend | nlist | build s |", "|---|---|---|---|"]
-        lines += [
-            f"| {r['n']:,} | {r['backend']} | {r['nlist']} | {r['build_seconds']:.2f} |"
-            for r in builds
-        ]
-    samples = [r for r in records if r["kind"] == "sample"]
-    if samples:
-        lines += ["", "| N | positions | sampler | ms per call (k=1) |", "|---|---|---|---|"]
-        lines += [
-            f"| {r['n']:,} | {r['positions']:,} | {r['sampler']} | {r['sample_ms']:.1f} |"
-            for r in samples
-        ]
+    lines += _kind_table(
+        records,
+        "build",
+        "| N | backend | nlist | build s |",
+        lambda r: f"| {r['n']:,} | {r['backend']} | {r['nlist']} | {r['build_seconds']:.2f} |",
+    )
+    lines += _kind_table(
+        records, "sample", "| N | positions | sampler | ms per call (k=1) |",
+        lambda r: f"| {r['n']:,} | {r['positions']:,} | {r['sampler']} | {r['sample_ms']:.1f} |",
+    )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--n", type=int, nargs="+", default=[100_000], help="catalog sizes")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--nlist", type=int, default=None, help="default: about sqrt(N)")
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32])
-    parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--queries", type=int, nargs="+", default=[256])
-    parser.add_argument("--repeats", type=int, default=5, help="median of this many runs")
-    parser.add_argument("--threads", type=int, default=1, help="torch (and faiss) threads")
-    parser.add_argument("--samplers", action="store_true", help="also time exact GenNi samplers")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device")
-    torch.set_num_threads(args.threads)
-    if faiss is not None:
-        faiss.omp_set_num_threads(args.threads)
-    report: dict[str, Any] = {"machine": machine(device), "args": vars(args) | {"json": None}}
-    records = []
-    for n in tqdm(args.n, desc="catalog sizes"):
-        records += bench_size(
-            n,
-            device,
-            dim=args.dim,
-            nlist=args.nlist,
-            nprobes=args.nprobe,
-            k=args.k,
-            query_counts=args.queries,
-            repeats=args.repeats,
-            samplers=args.samplers,
-            seed=args.seed,
-        )
-        if args.json is not None:  # partial results survive a timeout
+def bench_ivf(
+    device: str,
+    ns: Sequence[int],
+    threads: int = 1,
+    json_path: Path | None = None,
+    **settings: Any,
+) -> dict[str, Any]:
+    """Every catalog size of ``ns`` through :func:`bench_size` (``settings`` are its keyword
+    arguments) with ``threads`` torch and FAISS threads; returns ``{"machine", "args", "records"}``,
+    written to ``json_path`` after each size too (partial results survive a timeout)."""
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError("--device cuda: torch sees no CUDA device")
+    torch.set_num_threads(threads)
+    faiss_ivf.set_threads(threads)
+    args = {"device": device, "n": list(ns), "threads": threads, **settings}
+    report: dict[str, Any] = {"machine": machine(torch_device), "args": args}
+    records: list[dict[str, Any]] = []
+    for n in tqdm(ns, desc="catalog sizes"):
+        records += bench_size(n, torch_device, **settings)
+        if json_path is not None:
             report["records"] = records
-            args.json.write_text(json.dumps(report, indent=2, default=str))
+            json_path.write_text(json.dumps(report, indent=2, default=str))
     report["records"] = records
     report["machine"]["load_average_after"] = os.getloadavg()
-    print(json.dumps(report["machine"], default=str))
-    print(format_table(records))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2, default=str))
+    return report
 
 
-if __name__ == "__main__":
-    main()
+def _kind_table(
+    records: list[dict[str, Any]], kind: str, header: str, row: Callable[[dict[str, Any]], str]
+) -> list[str]:
+    """A markdown table (after a blank line) of the records of ``kind``; none when there are none."""
+    chosen = [r for r in records if r["kind"] == kind]
+    if not chosen:
+        return []
+    separator = "|" + "---|" * (header.count("|") - 1)
+    return ["", header, separator, *(row(r) for r in chosen)]

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import D_MODEL, gaussian_mixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import annsample.index as index_module
-from annsample import torch_ivf
 from annsample.errors import ItemIndexError
-from annsample.index import ItemIndex, exact_topk, recall_at_k
+from annsample.index import ItemIndex, exact_topk, recall_at_k, torch_ivf
+from annsample.index import faiss_ivf as faiss_backend
 
-D_MODEL = 16
 METRICS = ["ip", "l2_augmented", "cosine"]
 DEVICES = [
     "cpu",
@@ -30,28 +29,8 @@ DEVICES = [
     ),
 ]
 needs_faiss = pytest.mark.skipif(
-    index_module.faiss is None, reason="compares against FAISS, which is not installed here"
+    not faiss_backend.available(), reason="compares against FAISS, which is not installed here"
 )
-
-
-def gaussian_mixture(
-    n: int, d: int = D_MODEL, clusters: int = 32, seed: int = 0, spread: float = 0.35
-) -> torch.Tensor:
-    """(n, d) float32 rows around `clusters` random centres: IVF-shaped data, unlike uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(clusters, d, generator=g)
-    members = torch.randint(0, clusters, (n,), generator=g)
-    return centres[members] + spread * torch.randn(n, d, generator=g)
-
-
-@pytest.fixture(scope="module")
-def mixture() -> torch.Tensor:
-    return gaussian_mixture(4000)
-
-
-@pytest.fixture(scope="module")
-def queries() -> torch.Tensor:
-    return gaussian_mixture(200, seed=1)
 
 
 def torch_index(metric: str = "ip", nlist: int = 32, nprobe: int = 4, **kwargs) -> ItemIndex:
@@ -281,9 +260,8 @@ def test_same_centroids_give_the_same_lists_and_results_as_faiss(metric, mixture
     torch_ivf_index = torch_index(metric, nprobe=4)
     torch_ivf_index.load_state_dict(faiss_ivf.state_dict())
     # Same list sizes: the FAISS inverted lists and the torch offsets hold the same rows.
-    invlists = index_module.faiss.downcast_InvertedLists(faiss_ivf._contents.ivf.invlists)
-    faiss_sizes = torch.tensor([invlists.list_size(i) for i in range(32)])
-    torch_sizes = torch_ivf_index._contents.lists.list_sizes()
+    faiss_sizes = faiss_ivf.list_sizes()
+    torch_sizes = torch_ivf_index.list_sizes()
     assert (faiss_sizes - torch_sizes).abs().sum() <= 2  # float rounding may move a near-tie
     D_f, I_f = faiss_ivf.search(queries, 20)
     D_t, I_t = torch_ivf_index.search(queries, 20)
@@ -310,7 +288,7 @@ def test_recall_matches_faiss_over_nprobe(mixture, queries):
 
 
 def test_torch_ivf_runs_and_auto_picks_it_without_faiss(monkeypatch, mixture, queries):
-    monkeypatch.setattr(index_module, "faiss", None)
+    monkeypatch.setattr(faiss_backend, "faiss", None)
     index = ItemIndex(D_MODEL, nlist=16, nprobe=16, backend="auto").build(
         mixture, ids=torch.arange(len(mixture))
     )
@@ -334,7 +312,7 @@ def test_auto_still_picks_faiss_on_cpu(mixture):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)")
 def test_auto_on_cuda_picks_faiss_gpu_or_torch_ivf(mixture):
     index = ItemIndex(D_MODEL, nlist=16, nprobe=4, backend="auto").build(mixture.cuda())
-    expected = "faiss-gpu" if index_module._faiss_gpu_available() else "torch_ivf"
+    expected = "faiss-gpu" if faiss_backend.gpu_available() else "torch_ivf"
     assert index.backend == expected
 
 

@@ -1,6 +1,6 @@
 """Refresh cost of the item index: build, re_add and retrain times, assignment GFLOP/s, recall@k.
 
-Run ``python -m annsample.bench_refresh --n 100000 1000000 --dim 64 --nlist 1024 --repeats 3
+Run ``annsample bench refresh --n 100000 --n 1000000 --dim 64 --nlist 1024 --repeats 3
 --json out.json``. Embeddings are a clustered synthetic catalog (a gaussian mixture, the shape IVF is
 built for; uniform noise would make every index look bad). The assignment step (2 * N * nlist * d
 FLOPs) bounds re_add from below, so its achieved GFLOP/s is reported next to a plain sgemm of the
@@ -9,8 +9,6 @@ same shape on the same machine.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import platform
@@ -213,43 +211,11 @@ def format_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[100_000], help="catalog sizes")
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--nlist", type=int, default=1024)
-    parser.add_argument("--repeats", type=int, default=3, help="median of this many runs")
-    parser.add_argument("--nprobe", type=int, nargs="+", default=[1, 8, 32, 128])
-    parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--metric", default="ip", choices=["ip", "l2_augmented", "cosine"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="write the report here")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    report = run_benchmark(
-        args.n,
-        dim=args.dim,
-        nlist=args.nlist,
-        repeats=args.repeats,
-        nprobes=args.nprobe,
-        k=args.k,
-        n_queries=args.queries,
-        metric=args.metric,
-        seed=args.seed,
-        show_progress=not args.no_progress,
-    )
+def machine_line(report: dict[str, Any]) -> str:
+    """One line: the processor, its sgemm GFLOP/s and the load average around the run."""
     m = report["machine"]
-    print(
+    return (
         f"{m['cpu']}, {m['cores']} cores; sgemm {report['sgemm_gflops']:.0f} GFLOP/s; "
         f"1-min load average before {m['load_average_before'][0]:.2f}, "
         f"after {m['load_average_after'][0]:.2f}"
     )
-    print(format_table(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2))
-
-
-if __name__ == "__main__":
-    main()

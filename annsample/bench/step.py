@@ -20,7 +20,7 @@ GenNi p(j|h) ∝ exp(α·h·e_j):
 - exact: empirical frequencies of its own draws, with the noise floor of as many ideal draws.
 
 Hardness is the expected share of allowed items scoring below a drawn negative; the softmax gap is
-:func:`annsample.bench.softmax_gap`; the ann record adds index recall@K against the exact top-K
+:func:`annsample.bench.samplers.softmax_gap`; the ann record adds index recall@K against the exact top-K
 (fresh, after the timed steps with the now stale index, and after a re_add).
 """
 
@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from annsample import data as data_mod
-from annsample.bench import _tv_of_counts, softmax_gap
+from annsample.bench.samplers import _tv_of_counts, softmax_gap
 from annsample.config import RunConfig, catalog_overrides, load_config
 from annsample.errors import ConfigError
 from annsample.index import exact_topk, recall_at_k
@@ -190,7 +190,7 @@ def ann_marginal(
     if not sampler.tail_samples:
         probs = sampler.probabilities(xq, item_embeddings, exclusions, sequence_queries=xq)
         return probs.double(), 0.0
-    logits, candidates = sampler._logits(xq, item_embeddings, exclusions, xq)  # (Q, K)
+    logits, candidates = sampler.candidate_logits(xq, item_embeddings, exclusions, xq)  # (Q, K)
     usable = torch.isfinite(logits)
     has_candidate = usable.any(dim=1)
     eps = torch.where(has_candidate, sampler.epsilon, 1.0).double()[:, None]  # (Q, 1)
@@ -334,15 +334,12 @@ def bench_step(
         ``index_recall`` (fresh), ``index_recall_stale`` (after the timed steps),
         ``search_ms`` and ``refresh_seconds``; ms are medians over the timed steps.
     """
+    from annsample.distributed import resolve_device
     from annsample.model import SASRec
-    from annsample.train import (
-        _optimizers,
-        _step_loss,
-        build_sampler,
-        make_index_refresher,
-        prepare_data,
-        resolve_device,
-    )
+    from annsample.prepare import prepare_data
+    from annsample.refresh import make_index_refresher
+    from annsample.samplers import build_sampler
+    from annsample.train import make_optimizers, step_loss
 
     unknown = sorted(set(samplers) - set(STEP_SAMPLERS))
     if unknown:
@@ -379,7 +376,7 @@ def bench_step(
             f"{split.n_items} items; lower it with --set sampler.candidates=..."
         )
     model = SASRec(split.n_items, config.data.max_len, config.model).to(dev)
-    optimizers = _optimizers(model, config)
+    optimizers = make_optimizers(model, config)
     order = torch.Generator().manual_seed(seed + 2)
     batches, lengths = _batches(prepared, config, warmup_steps + steps, order)
     inputs = torch.as_tensor(prepared.train_inputs)
@@ -396,9 +393,9 @@ def bench_step(
         sampler_watch.seconds = search_watch.seconds = 0.0
         _sync(dev)
         t0 = time.perf_counter()
-        loss = _step_loss(
-            model, seq, tgt, prepared, batch, config, sampler, uniform, k, step, generator, dev
-        )
+        active = uniform if step < config.sampler.warmup_steps else sampler
+        histories = prepared.histories(batch, dev) if config.sampler.exclude_history else None
+        loss = step_loss(model, seq, tgt, config, active, histories, split.n_items, step, generator)
         _sync(dev)
         t1 = time.perf_counter()
         for opt in optimizers:
@@ -533,8 +530,8 @@ def bench_step(
                 index_build_seconds=round(time.perf_counter() - t0, 3),
             )
         sampler = build_sampler(
-            run_config,
-            prepared,
+            run_config.sampler,
+            prepared.popularity,
             None if refresher is None else _TimedSearch(refresher, search_watch),
         )
         quality = _quality(
