@@ -30,3 +30,11 @@ def mixture() -> torch.Tensor:
 @pytest.fixture(scope="module")
 def queries() -> torch.Tensor:
     return gaussian_mixture(200, seed=1)
+
+
+def with_bad_rows(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` (n >= 8, d >= 2) with NaN in row 3 and inf in row 7."""
+    x = x.clone()
+    x[3, 0] = float("nan")
+    x[7, 1] = float("inf")
+    return x

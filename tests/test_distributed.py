@@ -240,13 +240,3 @@ def test_decorrelate_gives_other_ranks_their_own_streams():
         draws.append(torch.rand(4, generator=generator))
     assert torch.equal(draws[0], torch.rand(4, generator=torch.Generator().manual_seed(1)))
     assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[1], draws[2])
-
-
-@pytest.mark.slow
-def test_ddp_reduces_sparse_gradients_to_the_union_of_the_ranks_rows():
-    from annsample.bench.ddp import sparse_probe
-
-    result = sparse_probe(n=2_000, d=8, rows=300, repeats=1)
-    assert result["sparse_grad_is_sparse"] and not result["dense_grad_is_sparse"]
-    assert result["local_rows"] < result["union_rows"]  # the ranks drew different items
-    assert result["sparse_reduced_rows"] == result["union_rows"] == result["dense_reduced_rows"]

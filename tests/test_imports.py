@@ -105,3 +105,15 @@ def test_torch_ivf_needs_neither_faiss_nor_the_index():
     assert (
         offending(LIBRARY / "index" / "torch_ivf.py", ("faiss", "annsample.index", "numpy")) == []
     )
+
+
+def test_index_imports_only_itself_the_errors_and_the_name_registry():
+    """The index never imports the model, training or the samplers: of annsample, only its own
+    modules, the errors and the config's name registry."""
+    outside = {
+        ".".join(module.split(".")[:2])
+        for name in INDEX_FILES
+        for module in file_imports(LIBRARY / name)
+        if within(module, "annsample") and not within(module, "annsample.index")
+    }
+    assert outside == {"annsample.errors", "annsample.config"}

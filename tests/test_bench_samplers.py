@@ -1,4 +1,5 @@
-"""The sampler benchmark, end to end on the tiny config (ablation grids: test_ablation.py)."""
+"""annsample.bench.samplers: records of every sampler on a tiny trained run, sampler-only
+overrides, and the sampled-softmax gap."""
 
 from __future__ import annotations
 
@@ -75,35 +76,6 @@ def test_bench_samplers_overrides_change_the_sampler_not_the_model(tiny_run):
         bench_samplers(tiny_run, samplers=("ann",), overrides=("model.hidden_size=8",))
 
 
-def test_bench_stall_runs_three_modes(tmp_path):
-    from annsample.bench.stall import bench_stall, stall_table
-
-    records = bench_stall(
-        n_items=2000,
-        steps=12,
-        refresh_every=4,
-        extra_overrides=(
-            "data.synthetic_users=4000",  # 16 batches, so the 12 steps fit in the one epoch
-            "train.num_threads=1",
-            "sampler.index.nlist=16",
-            "sampler.index.nprobe=4",
-            "sampler.candidates=50",
-        ),
-        out_dir=tmp_path,
-    )
-    by_mode = {r["mode"]: r for r in records}
-    assert list(by_mode) == ["never", "sync", "async"]
-    assert all(r["steps"] == 12 for r in records)
-    assert by_mode["never"]["refreshes"] == 0 and by_mode["never"]["wait_seconds"] == 0.0
-    assert by_mode["sync"]["refreshes"] == 3  # steps 4, 8, 12
-    assert (
-        by_mode["async"]["refreshes"] >= 1
-    )  # a request arriving while one runs replaces the queued one
-    assert by_mode["sync"]["wait_seconds"] > 0.0
-    assert all(0.0 <= r["stall_share"] < 1.0 for r in records)
-    assert "| sync | 12 | 3 |" in stall_table(records)
-
-
 def test_softmax_gap_vanishes_for_the_model_softmax_and_grows_with_a_poorer_proposal():
     from annsample.bench.samplers import softmax_gap
     from annsample.samplers import ExactSampler, Exclusions, UniformSampler
@@ -126,16 +98,3 @@ def test_softmax_gap_vanishes_for_the_model_softmax_and_grows_with_a_poorer_prop
     uniform, flatter = gap(UniformSampler(), 32), gap(ExactSampler(alpha=0.5), 32)
     assert uniform < flatter < -1e-3  # Jensen: the sampled loss underrates the partition function
     assert gap(UniformSampler(), 512) > uniform  # more negatives, smaller gap
-
-
-def test_bench_stall_configs_load_at_a_million_items():
-    # --catalog-size sets a refresh interval; refresh=never must not carry it (ignored settings
-    # are errors), sync / async must
-    from annsample.bench.stall import stall_configs
-    from annsample.config import IndexConfig
-
-    configs = stall_configs(1_000_000, steps=400, refresh_every=100)
-    assert configs["never"].sampler.index.refresh == "never"
-    assert configs["never"].sampler.index.refresh_every == IndexConfig().refresh_every
-    assert configs["sync"].sampler.index.refresh_every == 100
-    assert configs["async"].sampler.index.asynchronous

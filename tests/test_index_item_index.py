@@ -3,18 +3,14 @@ invariance, -1 padding, true inner-product scores, validation messages, state ro
 
 from __future__ import annotations
 
-import ast
 import io
 import logging
 import threading
-from pathlib import Path
 
-import faiss
 import pytest
 import torch
-from conftest import D_MODEL, gaussian_mixture
+from conftest import D_MODEL, gaussian_mixture, with_bad_rows
 
-import annsample.index as index_module
 from annsample.errors import ItemIndexError
 from annsample.index import ItemIndex, exact_topk, recall_at_k
 
@@ -348,50 +344,12 @@ def test_nprobe_setter_validates(mixture):
         index.nprobe = 17
 
 
-@pytest.mark.skipif(faiss.get_num_gpus() > 0, reason="this machine has a GPU: see the GPU test")
-def test_faiss_gpu_without_a_gpu_is_a_clear_error():
-    with pytest.raises(
-        ItemIndexError, match=r"backend 'faiss-gpu' was requested but .* sees no GPU"
-    ):
-        ItemIndex(D_MODEL, backend="faiss-gpu")
-
-
-@pytest.mark.skipif(
-    faiss.get_num_gpus() == 0 or not torch.cuda.is_available(),
-    reason="needs faiss-gpu and CUDA; test_faiss_gpu_without_a_gpu_is_a_clear_error covers CPU",
-)
-def test_faiss_gpu_matches_exact_at_full_nprobe(mixture, queries):
-    index = ItemIndex(D_MODEL, nlist=16, nprobe=16, backend="auto").build(mixture.cuda())
-    assert index.backend == "faiss-gpu"
-    D, I = index.search(queries.cuda(), 10)
-    assert I.is_cuda
-    assert torch.equal(I.cpu(), exact_topk(queries, mixture, 10)[1])
-    with pytest.raises(ItemIndexError, match="FAISS GPU's limit of 2048"):
-        index.search(queries.cuda(), 2049)
-
-
-def _with_bad_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.clone()
-    x[3, 0] = float("nan")
-    x[7, 1] = float("inf")
-    return x
-
-
 @pytest.mark.parametrize(
     ("make_xb", "message"),
     [
-        (
-            lambda x: x.numpy(),
-            r"xb must be a torch.Tensor, got ndarray; wrap it with torch.from_numpy",
-        ),
-        (lambda x: x[0], r"xb must be 2-D \(rows, d\), got shape \(16,\)"),
-        (
-            lambda x: x.double(),
-            r"xb must be float32, got torch.float64; convert it with xb.float\(\)",
-        ),
+        # every check of test_index_checks.py is reached from build; these also need the index
         (lambda x: x[:, :8], "xb has d=8 columns but the index was created with dim=16"),
-        (_with_bad_rows, r"xb has 2 of 4000 rows with NaN or inf \(first at row 3\)"),
-        (lambda x: x.abs() * 3e37, "overflows float32"),
+        (with_bad_rows, r"xb has 2 of 4000 rows with NaN or inf \(first at row 3\)"),
         (lambda x: x[:20], r"nlist=32 is larger than the number of items N=20; lower nlist"),
     ],
 )
@@ -436,30 +394,11 @@ def test_search_and_refresh_validate_their_input(mixture, queries):
     with pytest.raises(ItemIndexError, match=r"for a single vector use xq\[None\]"):
         index.search(queries[0], 5)
     with pytest.raises(ItemIndexError, match=r"xq has 2 of 200 rows with NaN or inf"):
-        index.search(_with_bad_rows(queries), 5)
+        index.search(with_bad_rows(queries), 5)
     with pytest.raises(
         ItemIndexError, match=r"xb has 3999 rows but the index holds 4000 ids; pass ids="
     ):
         index.re_add(mixture[1:], step=1)
     with pytest.raises(ItemIndexError, match="NaN or inf"):
-        index.retrain(_with_bad_rows(mixture), step=1)
+        index.retrain(with_bad_rows(mixture), step=1)
     assert index.version == 0  # failed refreshes leave the index untouched
-
-
-def test_index_never_imports_the_model_or_training():
-    imported = set()
-    for path in Path(index_module.__file__).parent.glob("*.py"):
-        tree = ast.parse(path.read_text())
-        imported |= {
-            alias.name
-            for node in ast.walk(tree)
-            if isinstance(node, ast.Import)
-            for alias in node.names
-        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    # the index package imports itself, its errors and the config's name registry, nothing else
-    outside = {
-        n
-        for n in imported
-        if n and n.startswith("annsample") and not n.startswith("annsample.index")
-    }
-    assert outside == {"annsample.errors", "annsample.config"}
