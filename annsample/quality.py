@@ -1,13 +1,12 @@
 """The quality table of synthetic-catalog runs and its plot of validation NDCG@10 against wall clock.
 
-``python -m annsample.quality RUN_DIR ... [--png docs/quality.png]`` reads each finished run folder
-(``config.yaml``, ``metrics.jsonl``, ``results.json``) and prints one markdown row per run: sampler,
+``annsample quality RUN_DIR ... [--png docs/quality.png]`` reads each finished run folder
+(``config.yaml``, ``metrics.jsonl``, ``results.json``) into one markdown row per run: sampler,
 loss, test NDCG@10 / HR@10, their fraction of the catalog's oracle, steps, and training seconds.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from pathlib import Path
@@ -17,6 +16,7 @@ import numpy as np
 import yaml
 
 from annsample import data as data_mod
+from annsample.errors import RunError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         n for n in ("config.yaml", "metrics.jsonl", "results.json") if not (run / n).is_file()
     ]
     if missing:
-        raise FileNotFoundError(
+        raise RunError(
             f"{run} is not a finished run folder (missing {', '.join(missing)}); pass the --out "
             "folder of a finished `annsample train`"
         )
@@ -184,30 +184,3 @@ def transition_count_metrics(
         split.train_indptr, split.train_items, n_items, inputs[users, -1], targets[users], history
     )
     return metrics_from_ranks(ranks)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="*", help="finished run folders")
-    parser.add_argument("--png", help="write the validation curves here")
-    parser.add_argument(
-        "--counts",
-        nargs=2,
-        metavar=("N_ITEMS", "TEST_USERS"),
-        help="also score the transition-count reference on a synthetic catalog's test users",
-    )
-    args = parser.parse_args(argv)
-    runs = [read_run(run) for run in args.runs]
-    if runs:
-        print(quality_table(runs))  # noqa: T201 - the command's output
-    if args.png:
-        plot_curves(runs, args.png)
-    if args.counts:
-        from annsample.synthetic import parse_size
-
-        metrics = transition_count_metrics(parse_size(args.counts[0]), int(args.counts[1]))
-        print(json.dumps({"transition_counts": metrics}))  # noqa: T201
-
-
-if __name__ == "__main__":
-    main()

@@ -225,6 +225,45 @@ def report(run_dirs: tuple[Path, ...], stage: str) -> None:
     click.echo(results_table(list(run_dirs), stage), nl=False)
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also plot validation NDCG@10 against training seconds into this file.",
+)
+@click.option(
+    "--counts",
+    type=(str, click.IntRange(min=1)),
+    default=None,
+    metavar="N_ITEMS TEST_USERS",
+    help="Also score the model-free transition-count reference on the test users of a "
+    "--catalog-size N_ITEMS run (e.g. --counts 100k 2000), as one JSON line.",
+)
+@_user_errors
+def quality(run_dirs: tuple[Path, ...], png: Path | None, counts: tuple[str, int] | None) -> None:
+    """Markdown quality table of synthetic-catalog runs (test NDCG/HR@10 against the catalog's
+    oracle, steps, training seconds)."""
+    from annsample.quality import plot_curves, quality_table, read_run, transition_count_metrics
+    from annsample.synthetic import parse_size
+
+    if png is not None and not run_dirs:
+        raise click.UsageError("--png plots the runs named; name at least one run folder")
+    if not run_dirs and counts is None:
+        raise click.UsageError("name finished run folders, or --counts N_ITEMS TEST_USERS")
+    _check_writable(png, "--png")
+    n_items = parse_size(counts[0]) if counts is not None else None
+    runs = [read_run(run) for run in run_dirs]
+    if runs:
+        click.echo(quality_table(runs))
+    if png is not None:
+        plot_curves(runs, png)
+    if counts is not None:
+        metrics = transition_count_metrics(n_items, counts[1])
+        click.echo(json.dumps({"transition_counts": metrics}))
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))

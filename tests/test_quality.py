@@ -1,11 +1,15 @@
-"""annsample.quality: the model-free transition-count reference, the table and the plot."""
+"""annsample.quality: the model-free transition-count reference, the table and the plot, and
+``annsample quality`` that prints them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 
 from annsample import data as data_mod
+from annsample.cli.main import main
+from annsample.errors import RunError
 from annsample.quality import plot_curves, quality_table, read_run, transition_count_ranks
 from annsample.synthetic import synthetic_catalog
 
@@ -63,8 +67,34 @@ def test_table_and_plot_read_a_finished_run(tmp_path):
     assert run["catalog_size"] == 2000 and len(run["curve"]) == 2
     table = quality_table([run])
     assert "| 2,000 | uniform bce |" in table and "oracle" in table
-    with pytest.raises(FileNotFoundError, match="not a finished run folder"):
+    with pytest.raises(RunError, match="not a finished run folder"):
         read_run(tmp_path)
     pytest.importorskip("matplotlib", reason="the plot needs the optional matplotlib (.[plot])")
     plot_curves([run], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    # the command prints the same table and writes the same plot
+    result = CliRunner().invoke(
+        main, ["quality", str(tmp_path / "run"), "--png", str(tmp_path / "cli.png")]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout == table + "\n"
+    assert (tmp_path / "cli.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "name finished run folders, or --counts N_ITEMS TEST_USERS"),
+        (["--counts", "100k", "0"], "0 is not in the range x>=1"),
+        (["--counts", "lots", "10"], "catalog size 'lots' is not a number"),
+        (["--png", "q.png"], "--png plots the runs named"),
+        (["{tmp}"], "is not a finished run folder"),
+        (["{tmp}", "--png", "{tmp}/none/q.png"], "does not exist; create it or write elsewhere"),
+    ],
+)
+def test_command_errors_are_one_line(argv, message, tmp_path):
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in argv]
+    result = CliRunner().invoke(main, ["quality", *argv])
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and message in line, line
