@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 REFRESH_WORDS = ("never", "epoch", "adaptive")
 # settings that may differ between a planned run and its folder without changing what it computes
-# (threads change float reduction order, but a resumed run keeps its own: see _resume_config)
+# (threads change float reduction order, but a resumed run keeps its own: see resume_config)
 IGNORED_KEYS = frozenset(
     {
         "train.num_threads",
@@ -261,7 +261,7 @@ def _check_folder_matches(plan: PlannedRun, run_dir: Path) -> None:
         )
 
 
-def _resume_config(plan: PlannedRun, run_dir: Path) -> RunConfig:
+def resume_config(plan: PlannedRun, run_dir: Path) -> RunConfig:
     """The plan's config with the thread count the interrupted run started with (a resumed run
     must keep its config)."""
     saved = load_config(run_dir / "config.yaml")
@@ -354,7 +354,7 @@ def run_ablation(
         if (run_dir / "results.json").is_file():
             outcomes[plan.label] = RunOutcome(plan.label, run_dir, "skipped")
         elif list_checkpoints(run_dir):
-            todo.append((plan, _resume_config(plan, run_dir), True, False))
+            todo.append((plan, resume_config(plan, run_dir), True, False))
         else:  # interrupted before its first checkpoint: nothing to keep
             logger.warning("%s has no checkpoint to resume from; starting it again", run_dir)
             todo.append((plan, plan.config, False, True))

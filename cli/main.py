@@ -61,12 +61,15 @@ def _check_writable(path: Path | None, flag: str) -> None:
         )
 
 
+def _file_option(flag: str, dest: str, help: str | None, required: bool = False):
+    """An output file option (a Path, not a folder; None when not given)."""
+    path = click.Path(dir_okay=False, path_type=Path)
+    return click.option(flag, dest, type=path, default=None, required=required, help=help)
+
+
 def _json_option(help: str | None = "Write the records as a JSON list.", required: bool = False):
     """``--json FILE`` (into ``json_path``)."""
-    path = click.Path(dir_okay=False, path_type=Path)
-    return click.option(
-        "--json", "json_path", type=path, default=None, required=required, help=help
-    )
+    return _file_option("--json", "json_path", help, required)
 
 
 def _overrides_option(help: str):
@@ -227,11 +230,8 @@ def report(run_dirs: tuple[Path, ...], stage: str) -> None:
 
 @main.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path(path_type=Path))
-@click.option(
-    "--png",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also plot validation NDCG@10 against training seconds into this file.",
+@_file_option(
+    "--png", "png", "Also plot validation NDCG@10 against training seconds into this file."
 )
 @click.option(
     "--counts",
@@ -563,11 +563,10 @@ def bench_stall_command(
     minimum=100,
     help="Draws per probe query for exact GenNi's empirical TV.",
 )
-@click.option(
+@_file_option(
     "--save-probe",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Also save the warmed-up item table and probe queries (torch.save) for bench index.",
+    "save_probe",
+    "Also save the warmed-up item table and probe queries (torch.save) for bench index.",
 )
 @click.option(
     "--profile", is_flag=True, help="Profile 3 extra ann steps (torch.profiler) into its record."

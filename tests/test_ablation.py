@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 from ablation_stubs import dying_runner, fake_ndcg, stub_runner
 from click.testing import CliRunner
+from conftest import TINY_DATA
+from conftest import TINY_PATH as TINY
 
 from annsample import ablation
 from annsample.ablation import (
@@ -32,10 +34,8 @@ from annsample.cli.main import main
 from annsample.config import RunConfig, config_to_dict
 from annsample.errors import ConfigError, RunError
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
 ANN = (
-    f"data.path={ROOT / 'data' / 'tiny.txt'}",
+    TINY_DATA,
     "sampler.name=ann",
     "sampler.index.nlist=16",
     "sampler.index.nprobe=4",
@@ -361,6 +361,6 @@ def test_a_resumed_run_keeps_the_threads_it_started_with(tmp_path):
     (started,) = plan_runs(TINY, (f"{REFRESH}=10",), overrides=ANN, threads=7)
     stub_runner(started.config, tmp_path / started.label, False, False)
     (now,) = plan_runs(TINY, (f"{REFRESH}=10",), overrides=ANN, threads=1)
-    resumed = ablation._resume_config(now, tmp_path / now.label)
+    resumed = ablation.resume_config(now, tmp_path / now.label)
     assert resumed.train.num_threads == 7
     assert resumed == started.config

@@ -5,11 +5,11 @@ from __future__ import annotations
 import ast
 import doctest
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,7 +27,6 @@ from annsample.errors import ConfigError, SamplerError
 from annsample.losses import bce_loss, gbce_loss, sampled_softmax_loss
 from annsample.samplers import ExactSampler, Exclusions, UniformSampler
 
-REPO = Path(__file__).resolve().parent.parent
 N, D = 120, 8
 
 

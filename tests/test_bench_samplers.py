@@ -3,19 +3,17 @@ overrides, and the sampled-softmax gap."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import TINY_DATA
+from conftest import TINY_PATH as TINY
 
 from annsample.bench.samplers import bench_samplers
 from annsample.config import load_config
 from annsample.errors import ConfigError
 from annsample.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-FAST = ("train.epochs=1", "train.num_threads=1", f"data.path={ROOT / 'data' / 'tiny.txt'}")
+FAST = ("train.epochs=1", "train.num_threads=1", TINY_DATA)
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +96,16 @@ def test_softmax_gap_vanishes_for_the_model_softmax_and_grows_with_a_poorer_prop
     uniform, flatter = gap(UniformSampler(), 32), gap(ExactSampler(alpha=0.5), 32)
     assert uniform < flatter < -1e-3  # Jensen: the sampled loss underrates the partition function
     assert gap(UniformSampler(), 512) > uniform  # more negatives, smaller gap
+
+
+def test_total_variation_is_hand_computed_and_the_draw_floor_shrinks_with_draws():
+    from annsample.bench.samplers import total_variation, tv_floor, tv_of_counts
+
+    p = torch.tensor([[0.0, 0.5, 0.5], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    q = torch.tensor([[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert total_variation(q, p) == pytest.approx(0.25)  # rows 0.5 and 0
+    assert tv_of_counts(torch.tensor([[0.0, 3.0, 1.0]]), p[:1]) == pytest.approx(0.25)
+    exact_p = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(0)), 1)
+    few = tv_floor(exact_p.double(), 100, torch.Generator().manual_seed(1))
+    many = tv_floor(exact_p.double(), 100_000, torch.Generator().manual_seed(1))
+    assert 0.0 < many < few < 1.0

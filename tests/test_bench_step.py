@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import REPO
 
 from annsample.bench.step import ann_marginal, bench_step, dns_probabilities, pool_marginal
 from annsample.cli.main import main
@@ -15,7 +15,6 @@ from annsample.errors import ConfigError
 from annsample.samplers import AnnSampler, DNSSampler, Exclusions, PoolSampler, genni_log_probs
 from annsample.staleness import allowed_percentiles
 
-REPO = Path(__file__).resolve().parents[1]
 N, D, Q = 600, 8, 3
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,8 +24,6 @@ from annsample.data import leave_one_out, read_sequences
 from annsample.errors import CheckpointError
 from annsample.index import ItemIndex
 from annsample.refresh import EveryEpoch, IndexRefresher
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def state(step: int = 7) -> dict:

@@ -10,13 +10,12 @@ from pathlib import Path
 import click
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
+from conftest import REPO, TINY, invoke, metrics_records
 
 from annsample.cli.main import main
 from annsample.config import load_config
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = "configs/tiny.yaml"
 # One epoch keeps the two end-to-end runs cheap; log_every=2 makes train/loss records appear.
 TRAIN_ARGS = [
     "train",
@@ -31,13 +30,6 @@ TRAIN_ARGS = [
 ]
 OVERRIDES = ("train.epochs=1", "train.log_every=2", "train.num_threads=1")
 RUN_FILES = {"config.yaml", "metrics.jsonl", "best.pt", "results.json"}
-
-
-def invoke(args: list[str]) -> Result:
-    """Run the click group in-process from the repository root (configs name data/ relatively)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)
-        return CliRunner().invoke(main, args)
 
 
 def assert_clean_error(result: Result, *fragments: str) -> None:
@@ -61,11 +53,6 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     return {
         path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in sorted(folder.iterdir())
     }
-
-
-def records(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +112,7 @@ def test_train_writes_a_complete_run_folder(tiny_run):
     assert {path.name for path in out.iterdir()} == RUN_FILES
     assert load_config(out / "config.yaml") == load_config(REPO / TINY, OVERRIDES)
 
-    log = records(out)
+    log = metrics_records(out)
     keys = {key for record in log for key in record} - {"step", "time"}
     assert all("/" in key for key in keys), "metric keys are namespaced"
     assert {"train/loss", "train/epoch_loss", "eval/valid/ndcg@10", "eval/test/ndcg@10"} <= keys
@@ -199,8 +186,8 @@ def test_console_script_run_with_the_same_seed_is_identical(tiny_run, tmp_path):
 
     assert results(second) == results(first)
     volatile = {"time", "train/epoch_seconds"}
-    assert [{k: v for k, v in r.items() if k not in volatile} for r in records(second)] == [
-        {k: v for k, v in r.items() if k not in volatile} for r in records(first)
+    assert [{k: v for k, v in r.items() if k not in volatile} for r in metrics_records(second)] == [
+        {k: v for k, v in r.items() if k not in volatile} for r in metrics_records(first)
     ]
     a = torch.load(first / "best.pt", weights_only=True)
     b = torch.load(second / "best.pt", weights_only=True)

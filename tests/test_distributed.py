@@ -15,15 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, SCRIPT, TINY, read_jsonl
 
 from annsample import checkpoint as ckpt
 from annsample import distributed
 from annsample import train as train_mod
 from annsample.config import load_config
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = "configs/tiny.yaml"
-SCRIPT = Path(sys.executable).parent / "annsample"
 # ANN sampler with asynchronous refresh every 3 steps (the case where ranks could disagree on the
 # index version) and sparse item-embedding gradients (what DDP all-reduces as sparse tensors).
 # No dropout, so one and two processes differ only by how the batch is split and by the
@@ -71,14 +69,10 @@ def run_cli(args: list[str], torchrun: bool = False) -> subprocess.CompletedProc
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
 
 
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 def index_versions(path: Path) -> list[tuple[int, int, str]]:
     return [
         (r["step"], r["index/version"], r["index/digest"])
-        for r in records(path)
+        for r in read_jsonl(path)
         if "index/digest" in r
     ]
 
@@ -108,7 +102,9 @@ def test_every_rank_samples_from_the_same_index_versions(runs):
 def test_two_processes_match_one_within_tolerance(runs):
     def epoch_losses(run: Path) -> list[float]:
         return [
-            r["train/epoch_loss"] for r in records(run / "metrics.jsonl") if "train/epoch_loss" in r
+            r["train/epoch_loss"]
+            for r in read_jsonl(run / "metrics.jsonl")
+            if "train/epoch_loss" in r
         ]
 
     single, two = epoch_losses(runs["single"]), epoch_losses(runs["two"])
@@ -128,7 +124,7 @@ def test_rank_zero_owns_the_run_folder(runs):
     assert names == {"config.yaml", "metrics.jsonl", "best.pt", "results.json", "ranks"}
     assert [path.name for path in (runs["two"] / "ranks").iterdir()] == ["rank1.jsonl"]
     # rank 1 logged its own training records too
-    assert any("train/epoch_loss" in r for r in records(runs["two"] / "ranks" / "rank1.jsonl"))
+    assert any("train/epoch_loss" in r for r in read_jsonl(runs["two"] / "ranks" / "rank1.jsonl"))
 
 
 def rank_pid(launcher: int, rank: int) -> int | None:

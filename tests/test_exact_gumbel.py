@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy import stats
+from conftest import (
+    SAMPLING_DIM,
+    SAMPLING_ITEMS,
+    assert_draws_follow,
+    draw_counts,
+    sampling_problem,
+)
 
 from annsample.errors import SamplerError
 from annsample.exact_gumbel import GumbelExactSampler, matmul_precision
 from annsample.samplers import ExactSampler, Exclusions, genni_log_probs
 
-N, D = 30, 8
+N, D = SAMPLING_ITEMS, SAMPLING_DIM
 cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA device (torch sees none)"
 )
@@ -19,38 +25,7 @@ cuda = pytest.mark.skipif(
 
 @pytest.fixture
 def problem():
-    g = torch.Generator().manual_seed(0)
-    items = torch.randn(N + 1, D, generator=g)
-    items[0] = 0
-    queries = torch.randn(6, D, generator=g)
-    # three sequences; rows padded with N + 1; positions 0-1 -> row 0, 2-4 -> row 1, 5 -> row 2
-    history = torch.tensor([[2, 5, 7, 31, 31], [1, 3, 4, 9, 30], [31, 31, 31, 31, 31]])
-    row = torch.tensor([0, 0, 1, 1, 1, 2])
-    positives = torch.tensor([5, 11, 9, 12, 3, 6])
-    return queries, items, Exclusions(history, row, positives, N)
-
-
-def counts(ids: torch.Tensor) -> torch.Tensor:
-    """(P, N+1) number of draws of each item per position."""
-    out = torch.zeros(ids.shape[0], N + 1, dtype=torch.float64)
-    return out.scatter_add_(1, ids.cpu(), torch.ones_like(ids.cpu(), dtype=torch.float64))
-
-
-def assert_chi_square(ids: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4) -> None:
-    """Chi-square goodness of fit per position (cells with expected count < 5 pooled)."""
-    n = ids.shape[1]
-    observed = counts(ids)
-    for p in range(ids.shape[0]):
-        expected = probs[p].double().cpu() * n
-        big = expected >= 5
-        obs = torch.cat([observed[p][big], observed[p][~big].sum()[None]])
-        exp = torch.cat([expected[big], expected[~big].sum()[None]])
-        keep = exp > 0
-        assert float(obs[~keep].sum()) == 0, "sampled an item of zero probability"
-        _, pvalue = stats.chisquare(
-            obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item()
-        )
-        assert pvalue > alpha, f"position {p}: p-value {pvalue:.2e}"
+    return sampling_problem()
 
 
 @pytest.mark.parametrize("chunk_elements", [None, 6 * 7])  # one chunk; chunks of 7 items
@@ -60,7 +35,7 @@ def test_draws_follow_the_genni_softmax(problem, chunk_elements):
     out = sampler.sample(queries, items, ex, 20000, torch.Generator().manual_seed(3))
     log_p = genni_log_probs(queries, items, ex, 1.5)
     assert not bool(ex.contains(out.ids).any())
-    assert_chi_square(out.ids, log_p.exp())
+    assert_draws_follow(out.ids, log_p.exp())
     assert torch.allclose(out.log_q.double(), log_p.gather(1, out.ids), atol=1e-5)
 
 
@@ -83,12 +58,12 @@ def test_matches_the_reservoir_exact_sampler(problem):
     reservoir = ExactSampler(alpha=1.0).sample(
         queries, items, ex, 20000, torch.Generator().manual_seed(2)
     )
-    tv = 0.5 * (counts(gumbel.ids) - counts(reservoir.ids)).abs().sum(1) / 20000
+    tv = 0.5 * (draw_counts(gumbel.ids) - draw_counts(reservoir.ids)).abs().sum(1) / 20000
     # Two samples of 20000 over <= 30 items differ by about sqrt(30 / 20000) in TV.
     assert float(tv.max()) < 0.03, tv
     # An unrelated distribution (uniform) is far away, so the check can fail.
     uniform = torch.randint(1, N + 1, (6, 20000), generator=torch.Generator().manual_seed(0))
-    tv_uniform = 0.5 * (counts(gumbel.ids) - counts(uniform)).abs().sum(1) / 20000
+    tv_uniform = 0.5 * (draw_counts(gumbel.ids) - draw_counts(uniform)).abs().sum(1) / 20000
     assert float(tv_uniform.min()) > 0.1, tv_uniform
 
 
@@ -97,7 +72,7 @@ def test_bf16_is_exact_for_its_own_logits_and_close_to_fp32(problem):
     sampler = GumbelExactSampler(alpha=1.0, precision="bf16")
     out = sampler.sample(queries, items, ex, 20000, torch.Generator().manual_seed(5))
     probs = sampler.probabilities(queries, items, ex)
-    assert_chi_square(out.ids, probs)
+    assert_draws_follow(out.ids, probs)
     assert torch.allclose(out.log_q.double(), probs.double().gather(1, out.ids).log(), atol=1e-4)
     fp32 = genni_log_probs(queries, items, ex, 1.0).exp()
     tv = 0.5 * (probs.double() - fp32).abs().sum(1)
@@ -161,7 +136,7 @@ def test_cuda_draws_follow_the_proposal(problem, precision):
     out = sampler.sample(queries.cuda(), items.cuda(), ex_cuda, 20000, generator)
     assert out.ids.is_cuda and not bool(ex_cuda.contains(out.ids).any())
     probs = sampler.probabilities(queries.cuda(), items.cuda(), ex_cuda).cpu()
-    assert_chi_square(out.ids.cpu(), probs)
+    assert_draws_follow(out.ids.cpu(), probs)
     assert torch.allclose(
         out.log_q.double().cpu(), probs.double().gather(1, out.ids.cpu()).log(), atol=1e-3
     )

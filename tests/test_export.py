@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import REPO, TINY
 
 from annsample import checkpoint as ckpt
 from annsample import train as train_mod
@@ -31,8 +32,6 @@ from annsample.export import (
 from annsample.prepare import prepare_data
 from annsample.run import load_model, load_run
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = "configs/tiny.yaml"
 OVERRIDES = ("train.num_threads=1", "train.epochs=2")
 
 

@@ -4,19 +4,17 @@ refuses impossible settings before any file is written, and the staleness probe 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DATA as DATA
+from conftest import TINY_PATH as TINY
 
 from annsample.config import load_config
 from annsample.errors import ConfigError, DataError, SamplerError
 from annsample.prepare import check_sampler_fits, prepare_data, probe_set
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.yaml"
-DATA = f"data.path={ROOT / 'data' / 'tiny.txt'}"
 ANN = ("sampler.name=ann", "sampler.index.nlist=16", "sampler.index.nprobe=4")
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner, Result
+from conftest import REPO, TINY, invoke
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -36,16 +37,8 @@ from annsample.errors import ConfigError, DataError, RunError
 from annsample.model import SASRec
 from annsample.run import load_model
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = "configs/tiny.yaml"
 TINY_CONFIG = (REPO / TINY).read_bytes()
 FUZZ_SETTINGS = {"deadline": None, "derandomize": True}
-
-
-def invoke(args: list[str]) -> Result:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)
-        return CliRunner().invoke(main, args)
 
 
 def one_error_line(result: Result) -> str:

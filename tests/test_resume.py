@@ -18,17 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import REPO, SCRIPT, TINY, invoke, metrics_records
 
 from annsample import checkpoint as ckpt
 from annsample import train as train_mod
-from annsample.cli.main import main
 from annsample.config import load_config
 from annsample.errors import CheckpointError
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = "configs/tiny.yaml"
-SCRIPT = Path(sys.executable).parent / "annsample"
 BASE = (
     "train.num_threads=1",
     "train.lr=5e-3",
@@ -54,11 +50,6 @@ VOLATILE = ("time", "seconds")  # wall-clock fields: train/epoch_seconds, index/
 
 def stable(record: dict) -> dict:
     return {k: v for k, v in record.items() if not any(word in k for word in VOLATILE)}
-
-
-def records(run: Path) -> list[dict]:
-    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines]
 
 
 def results(run: Path) -> dict:
@@ -141,20 +132,14 @@ def kill_mid_run(
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "results.json").exists()
-    return max(r["step"] for r in records(out))
-
-
-def invoke(args: list[str]):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(REPO)
-        return CliRunner().invoke(main, args)
+    return max(r["step"] for r in metrics_records(out))
 
 
 def assert_same_run(resumed: Path, reference_run: Path, where: str) -> None:
     assert results(resumed) == results(reference_run), where
-    assert [stable(r) for r in records(resumed)] == [stable(r) for r in records(reference_run)], (
-        where
-    )
+    assert [stable(r) for r in metrics_records(resumed)] == [
+        stable(r) for r in metrics_records(reference_run)
+    ], where
     a = torch.load(resumed / "best.pt", weights_only=True)
     b = torch.load(reference_run / "best.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), where

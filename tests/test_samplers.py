@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy import stats
+from conftest import (
+    SAMPLING_DIM,
+    SAMPLING_ITEMS,
+    assert_draws_follow,
+    draw_counts,
+    sampling_problem,
+)
 
 from annsample.errors import SamplerError
 from annsample.samplers import (
@@ -20,7 +26,7 @@ from annsample.samplers import (
     sample_from_logits,
 )
 
-N, D = 30, 8
+N, D = SAMPLING_ITEMS, SAMPLING_DIM
 
 
 class BruteForceIndex:
@@ -43,15 +49,7 @@ class BruteForceIndex:
 
 @pytest.fixture
 def problem():
-    g = torch.Generator().manual_seed(0)
-    items = torch.randn(N + 1, D, generator=g)
-    items[0] = 0
-    queries = torch.randn(6, D, generator=g)
-    # three sequences; rows padded with N + 1; positions 0-1 -> row 0, 2-4 -> row 1, 5 -> row 2
-    history = torch.tensor([[2, 5, 7, 31, 31], [1, 3, 4, 9, 30], [31, 31, 31, 31, 31]])
-    row = torch.tensor([0, 0, 1, 1, 1, 2])
-    positives = torch.tensor([5, 11, 9, 12, 3, 6])  # 11 and 12 are not in their row's history
-    return queries, items, Exclusions(history, row, positives, N)
+    return sampling_problem()
 
 
 def dense_allowed(exclusions: Exclusions) -> torch.Tensor:
@@ -68,26 +66,7 @@ def dense_allowed(exclusions: Exclusions) -> torch.Tensor:
 
 def empirical(ids: torch.Tensor) -> torch.Tensor:
     """(P, N+1) frequencies of ids (P, n)."""
-    counts = torch.zeros(ids.shape[0], N + 1)
-    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float))
-    return counts / ids.shape[1]
-
-
-def assert_matches(ids: torch.Tensor, probs: torch.Tensor, alpha: float = 1e-4) -> None:
-    """Chi-square goodness of fit per position (cells with expected count < 5 pooled)."""
-    n = ids.shape[1]
-    observed = empirical(ids) * n
-    for p in range(ids.shape[0]):
-        expected = probs[p].double() * n
-        big = expected >= 5
-        obs = torch.cat([observed[p][big], observed[p][~big].sum()[None]]).double()
-        exp = torch.cat([expected[big], expected[~big].sum()[None]])
-        keep = exp > 0
-        assert float(obs[~keep].sum()) == 0, "sampled an item of zero probability"
-        _, pvalue = stats.chisquare(
-            obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item()
-        )
-        assert pvalue > alpha, f"position {p}: p-value {pvalue:.2e}"
+    return draw_counts(ids) / ids.shape[1]
 
 
 def test_exclusions_match_reference(problem):
@@ -119,7 +98,7 @@ def test_uniform_matches_distribution_and_log_q(problem):
     out = sampler.sample(queries, items, ex, 20000, torch.Generator().manual_seed(1))
     probs = sampler.probabilities(queries, items, ex)
     assert torch.allclose(probs.sum(1), torch.ones(6))
-    assert_matches(out.ids, probs)
+    assert_draws_follow(out.ids, probs)
     assert torch.allclose(out.log_q, probs.gather(1, out.ids).log())
 
 
@@ -129,7 +108,7 @@ def test_popularity_matches_distribution_and_log_q(problem):
     sampler = PopularitySampler(counts, beta=0.75)
     out = sampler.sample(queries, items, ex, 20000, torch.Generator().manual_seed(2))
     probs = sampler.probabilities(queries, items, ex)
-    assert_matches(out.ids, probs)
+    assert_draws_follow(out.ids, probs)
     assert torch.allclose(out.log_q, probs.gather(1, out.ids).log(), atol=1e-5)
     assert torch.allclose(probs.sum(1), torch.ones(6))
 
@@ -162,7 +141,7 @@ def test_exact_matches_genni_softmax(problem, chunk_elements):
         ],
         1,
     )
-    assert_matches(draws, log_p.exp())
+    assert_draws_follow(draws, log_p.exp())
 
 
 def test_sample_from_logits_never_draws_masked_slots():
@@ -181,7 +160,7 @@ def test_ann_with_every_item_as_candidate_equals_exact(problem):
     exact = genni_log_probs(queries, items, ex, 1.5).exp()
     assert torch.allclose(probs.double(), exact, atol=1e-6)
     out = ann.sample(queries, items, ex, 20000, torch.Generator().manual_seed(4))
-    assert_matches(out.ids, exact)
+    assert_draws_follow(out.ids, exact)
     assert torch.allclose(out.log_q.double(), exact.gather(1, out.ids).log(), atol=1e-5)
 
 
@@ -213,7 +192,7 @@ def test_ann_mixture_is_a_distribution_with_exact_log_q(problem, query):
     out = ann.sample(
         queries, items, ex, 20000, torch.Generator().manual_seed(6), sequence_queries=seq_q
     )
-    assert_matches(out.ids, probs)
+    assert_draws_follow(out.ids, probs)
     assert torch.allclose(out.log_q, probs.gather(1, out.ids).log(), atol=1e-5)
 
 
@@ -308,7 +287,7 @@ def test_ann_tail_draws_follow_the_conditional_proposal(problem, query):
     )
     probs = ann.probabilities(queries, items, ex, seq_q, torch.Generator().manual_seed(3))
     assert torch.allclose(probs.sum(1), torch.ones(6), atol=1e-6)
-    assert_matches(out.ids, probs)
+    assert_draws_follow(out.ids, probs)
 
 
 def test_ann_tail_log_q_gives_an_unbiased_partition_estimate(problem):

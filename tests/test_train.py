@@ -4,10 +4,9 @@ stops training before the update (the CLI's side of numerical faults: test_relia
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import REPO, TINY
 
 from annsample import checkpoint as ckpt
 from annsample import staleness
@@ -17,8 +16,6 @@ from annsample.errors import NumericalError
 from annsample.model import SASRec
 from annsample.samplers import UniformSampler
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = "configs/tiny.yaml"
 NAN_RUN = ("train.epochs=2", "train.checkpoint_every=2", "train.num_threads=1")
 
 

@@ -70,13 +70,28 @@ def _empirical_tv(sampler, queries, items, exclusions, exact_p, draws: int, gene
         for _ in range(draws // per_call):
             ids = sampler.sample(queries, items, exclusions, per_call, generator).ids
             counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=torch.float64))
-    return _tv_of_counts(counts, exact_p)
+    return tv_of_counts(counts, exact_p)
 
 
-def _tv_of_counts(counts: torch.Tensor, exact_p: torch.Tensor) -> float:
-    """Mean over rows of the total-variation distance between draw counts and ``exact_p``."""
-    freq = counts / counts.sum(1, keepdim=True)
-    return float(0.5 * (freq - exact_p).abs().sum(1).mean())
+def total_variation(q: torch.Tensor, p: torch.Tensor) -> float:
+    """Mean over rows of the total-variation distance between distributions q and p (Q, N+1)."""
+    return float(0.5 * (q - p).abs().sum(1).mean())
+
+
+def tv_of_counts(counts: torch.Tensor, exact_p: torch.Tensor) -> float:
+    """Mean over rows of the total-variation distance between draw counts (Q, N+1) and
+    ``exact_p`` (Q, N+1)."""
+    return total_variation(counts / counts.sum(1, keepdim=True), exact_p)
+
+
+def tv_floor(exact_p: torch.Tensor, draws: int, generator: torch.Generator) -> float:
+    """The TV that ``draws`` draws per row from ``exact_p`` (Q, N+1) itself score: the noise floor
+    of an empirical TV measured with as many draws."""
+    ideal = torch.multinomial(exact_p.float(), draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(exact_p).scatter_add_(
+        1, ideal, torch.ones_like(ideal, dtype=exact_p.dtype)
+    )
+    return tv_of_counts(counts, exact_p)
 
 
 def softmax_gap(
@@ -199,23 +214,17 @@ def bench_samplers(
             q = sampler.marginal_probabilities(
                 h[probe], items, probe_ex, h[probe], draws=tail_draws
             ).double()
-            tv = float(0.5 * (q - exact_p).abs().sum(1).mean())
+            tv = total_variation(q, exact_p)
             method = f"closed_form_mean_of_{tail_draws}_tail_draws"
         elif hasattr(sampler, "probabilities"):
             q = sampler.probabilities(h[probe], items, probe_ex).double()
-            tv = float(0.5 * (q - exact_p).abs().sum(1).mean())
+            tv = total_variation(q, exact_p)
             method = "closed_form"
         else:
             tv = _empirical_tv(sampler, h[probe], items, probe_ex, exact_p, draws, generator)
             method = f"empirical_{draws}"
             # what the same number of exact GenNi draws scores: the measurement's noise floor
-            exact_draws = torch.multinomial(
-                exact_p.float(), draws, replacement=True, generator=generator
-            )
-            counts = torch.zeros_like(exact_p).scatter_add_(
-                1, exact_draws, torch.ones_like(exact_draws, dtype=exact_p.dtype)
-            )
-            floor = _tv_of_counts(counts, exact_p)
+            floor = tv_floor(exact_p, draws, generator)
         ids = sampler.sample(h[probe], items, probe_ex, 64, generator).ids
         gap = None
         if sampler.exact_log_q:

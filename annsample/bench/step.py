@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from annsample import data as data_mod
-from annsample.bench.samplers import _tv_of_counts, softmax_gap
+from annsample.bench.samplers import softmax_gap, total_variation, tv_floor
 from annsample.config import RunConfig, catalog_overrides, load_config
 from annsample.errors import ConfigError
 from annsample.index import exact_topk, recall_at_k
@@ -656,18 +656,12 @@ def _quality(
         method = "closed_form"
     elif isinstance(sampler, ExactSampler):  # its own draws, beside as many from exact_p
         q = _draw_frequencies(sampler, h, items, exclusions, exact_draws, generator)
-        ideal = torch.multinomial(
-            exact_p.float(), exact_draws, replacement=True, generator=generator
-        )
-        counts = torch.zeros_like(exact_p).scatter_add_(
-            1, ideal, torch.ones_like(ideal, dtype=exact_p.dtype)
-        )
-        floor = _tv_of_counts(counts, exact_p)
+        floor = tv_floor(exact_p, exact_draws, generator)
         method = f"empirical_{exact_draws}"
     else:  # uniform, popularity
         q = sampler.probabilities(h, items, exclusions).double()
         method = "closed_form"
-    tv = float(0.5 * (q - exact_p).abs().sum(1).mean())
+    tv = total_variation(q, exact_p)
     gap = None
     if sampler.exact_log_q:
         gap = softmax_gap(sampler, h, items, exclusions, negatives, 20, generator)
