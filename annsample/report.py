@@ -26,8 +26,6 @@ def read_results(run_dir: str | Path) -> dict:
         ) from None
     if not isinstance(results, dict):
         raise RunError(f"{path} holds no JSON object; it was not written by `annsample train`")
-    if not isinstance(results, dict):
-        raise RunError(f"{path} holds no JSON object; it was not written by `annsample train`")
     keys = ("name", "test", "valid", "best_epoch", "epochs_run", "seconds_per_epoch")
     missing = [key for key in keys if key not in results]
     if missing:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from click.testing import CliRunner, Result
 from scipy import stats
 
 from annsample.cli.main import main
+from annsample.index import ItemIndex
 from annsample.samplers import Exclusions
 
 torch.set_num_threads(1)
@@ -22,6 +24,15 @@ REPO = Path(__file__).resolve().parent.parent
 TINY = "configs/tiny.yaml"  # relative to REPO, where the CLI tests run (it names data/ relatively)
 TINY_PATH = REPO / TINY
 TINY_DATA = f"data.path={REPO / 'data' / 'tiny.txt'}"  # the tiny config's data from any folder
+# the ann sampler on the tiny catalog, refreshed often enough that a short run re-adds and retrains
+TINY_ANN = (
+    "sampler.name=ann",
+    "sampler.index.nlist=16",
+    "sampler.index.nprobe=4",
+    "sampler.candidates=50",
+    "sampler.index.refresh_every=3",
+    "sampler.index.retrain_every=2",
+)
 SCRIPT = Path(sys.executable).parent / "annsample"  # the console script of this environment
 
 
@@ -113,3 +124,16 @@ def assert_draws_follow(ids: torch.Tensor, probs: torch.Tensor, alpha: float = 1
             obs[keep].numpy(), exp[keep].numpy() * obs.sum().item() / exp.sum().item()
         )
         assert pvalue > alpha, f"position {p}: p-value {pvalue:.2e}"
+
+
+class GatedIndex(ItemIndex):
+    """An ItemIndex whose re-adds wait for a test's signal, to hold a refresh in flight (clear
+    ``gate`` and ``started`` first; ``started`` is set once a re-add is waiting)."""
+
+    gate = threading.Event()
+    started = threading.Event()
+
+    def re_add(self, xb, step, ids=None):
+        GatedIndex.started.set()
+        assert GatedIndex.gate.wait(timeout=30)
+        super().re_add(xb, step, ids)

@@ -1,4 +1,5 @@
-"""Ablation grids: expansion, parallel runs, resume, failure isolation, and the rebuilt report.
+"""Ablation grids: expansion, parallel runs, resume and failure isolation (the report rebuilt from
+the runs: test_ablation_report.py).
 
 Most tests inject a stub runner (tests/ablation_stubs.py: a light module, since every worker process
 imports it) that writes a finished run folder in milliseconds, its metrics a known function of its
@@ -7,14 +8,11 @@ settings; one end-to-end test trains two tiny real runs through the CLI.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
-from ablation_stubs import dying_runner, fake_ndcg, stub_runner
+from ablation_stubs import dying_runner, stub_runner
 from click.testing import CliRunner
 from conftest import TINY_DATA
 from conftest import TINY_PATH as TINY
@@ -28,11 +26,10 @@ from annsample.ablation import (
     plan_runs,
     run_ablation,
 )
-from annsample.ablation_report import collect_rows, refresh_interval, summary_markdown
-from annsample.checkpoint import flatten
+from annsample.ablation_report import collect_rows
 from annsample.cli.main import main
-from annsample.config import RunConfig, config_to_dict
-from annsample.errors import ConfigError, RunError
+from annsample.config import RunConfig
+from annsample.errors import ConfigError
 
 ANN = (
     TINY_DATA,
@@ -211,91 +208,6 @@ def test_a_run_whose_process_dies_fails_alone(tmp_path):
     assert "process died (exit code 7)" in outcomes[0].error
 
 
-def test_rows_hold_settings_metrics_and_index_figures(tmp_path):
-    out = tmp_path / "grid"
-    run_ablation(
-        TINY,
-        (f"{REFRESH}=never,5,epoch", "sampler.index.asynchronous=false,true"),
-        out,
-        seeds=[0, 1],
-        overrides=ANN,
-        runner=stub_runner,
-        show_progress=False,
-    )
-    # an interrupted run is listed, not tabulated
-    interrupted = out / "refresh_every=5_asynchronous=true_seed=1"
-    (interrupted / "results.json").unlink()
-    rows, columns, unfinished = collect_rows(out)
-    assert columns == ["refresh_interval", "sampler.index.asynchronous"]
-    assert unfinished == [interrupted] and len(rows) == 9  # never x async=true left out
-    # sorted by interval: steps (epoch at its 20 steps), then never
-    assert list(dict.fromkeys(r["refresh_interval"] for r in rows)) == ["5", "epoch", "never"]
-    for row in rows:
-        assert row["refresh_interval"] == row["run"].split("_asynchronous")[0].removeprefix(
-            "refresh_every="
-        )
-        assert row["test_ndcg@10"] == pytest.approx(fake_ndcg(load(out / row["run"])))
-        assert row["train_seconds"] == pytest.approx(4.0)
-        assert (row["refresh_count"], row["wait_seconds"]) == (4, 0.5)
-        assert (row["recall_mean"], row["recall_final"]) == (pytest.approx(0.85), 0.8)
-        assert row["tv_final"] == 0.2 and row["drift_mean"] is None
-        assert row["wall_seconds"] >= 0.0
-    summary = summary_markdown(rows, columns, unfinished)
-    never = [line for line in summary.splitlines() if line.startswith("| never | False |")]
-    values = [
-        fake_ndcg(load(out / f"refresh_every=never_asynchronous=false_seed={s}")) for s in (0, 1)
-    ]
-    expected = f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
-    assert len(never) == 1 and never[0].split(" | ")[3] == expected
-    assert "refresh_every=5_asynchronous=true_seed=1 (logs/" in summary
-
-
-def load(run_dir: Path) -> RunConfig:
-    from annsample.config import load_config
-
-    return load_config(run_dir / "config.yaml")
-
-
-def test_report_of_a_folder_without_finished_runs_is_an_error(tmp_path):
-    with pytest.raises(RunError, match="does not exist"):
-        collect_rows(tmp_path / "missing")
-    with pytest.raises(RunError, match="no finished run"):
-        collect_rows(tmp_path)
-
-
-def test_ablate_report_rebuilds_every_output(tmp_path):
-    pytest.importorskip(
-        "matplotlib", reason="matplotlib (a dependency: pip install -e .) is not installed"
-    )
-    out = tmp_path / "grid"
-    run_ablation(
-        TINY, (f"{REFRESH}=1,never",), out, seeds=[0, 1], overrides=ANN, runner=stub_runner
-    )
-    result = CliRunner().invoke(main, ["ablate", "report", str(out)])
-    assert result.exit_code == 0, result.output
-    assert "| 1 | 2 |" in result.output and "| never | 2 |" in result.output
-    written = {name: (out / name).stat().st_mtime_ns for name in ablation_outputs()}
-    for name in written:
-        (out / name).unlink()
-    result = CliRunner().invoke(main, ["ablate", "report", str(out)])
-    assert result.exit_code == 0, result.output
-    for name in PLOTS:
-        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with (out / "results.csv").open(encoding="utf-8") as file:
-        table = list(csv.DictReader(file))
-    assert [r["run"] for r in table] == [
-        r["run"] for r in json.loads((out / "results.json").read_text())
-    ]
-    assert {r["refresh_interval"] for r in table} == {"1", "never"} and len(table) == 4
-    assert (out / "summary.md").read_text(encoding="utf-8") in result.output
-
-
-def ablation_outputs() -> tuple[str, ...]:
-    from annsample.ablation_report import OUTPUTS
-
-    return OUTPUTS
-
-
 def test_cli_usage_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["ablate"])  # `ablate` alone is `ablate run`
     assert result.exit_code == 2 and "Missing option '--grid'" in result.output
@@ -343,17 +255,6 @@ def test_two_tiny_real_runs_end_to_end(tmp_path):
     # running it again trains nothing
     again = run_ablation(TINY, grid, out, overrides=fast, show_progress=False)
     assert [o.state for o in again] == ["skipped", "skipped"]
-
-
-def test_refresh_interval_names_the_schedule():
-    config = flatten(config_to_dict(RunConfig()))
-    assert refresh_interval(config) == "-"  # the default sampler is uniform: no index
-    config["sampler.name"] = "ann"
-    assert refresh_interval(config) == str(RunConfig().sampler.index.refresh_every)
-    config["sampler.index.refresh"] = "never"
-    assert refresh_interval(config) == "never"
-    config["loss.name"] = "full_ce"
-    assert refresh_interval(config) == "-"
 
 
 def test_a_resumed_run_keeps_the_threads_it_started_with(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SCRIPT, TINY, read_jsonl
+from conftest import REPO, SCRIPT, TINY, TINY_ANN, read_jsonl
 
 from annsample import checkpoint as ckpt
 from annsample import distributed
@@ -34,12 +34,7 @@ OVERRIDES = (
     "train.checkpoint_every=4",
     "model.dropout=0",
     "model.sparse_embeddings=true",
-    "sampler.name=ann",
-    "sampler.index.nlist=16",
-    "sampler.index.nprobe=4",
-    "sampler.candidates=50",
-    "sampler.index.refresh_every=3",
-    "sampler.index.retrain_every=2",
+    *TINY_ANN,
     "sampler.index.asynchronous=true",
     "sampler.index.probe_every=0",
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,16 @@ def test_index_imports_only_itself_the_errors_and_the_name_registry():
         if within(module, "annsample") and not within(module, "annsample.index")
     }
     assert outside == {"annsample.errors", "annsample.config"}
+
+
+def test_importing_the_package_is_cheap_and_the_api_loads_on_first_use():
+    """``import annsample`` loads neither torch nor the API; naming an API class loads it."""
+    code = (
+        "import sys, annsample\n"
+        "assert 'torch' not in sys.modules and 'annsample.api' not in sys.modules\n"
+        "assert annsample.NegativeSampler.__module__ == 'annsample.api'\n"
+        "try:\n    annsample.no_such_name\nexcept AttributeError as e:\n    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "module 'annsample' has no attribute 'no_such_name'"

@@ -9,6 +9,7 @@ import time
 import faiss
 import pytest
 import torch
+from conftest import GatedIndex
 
 from annsample.errors import ConfigError, ItemIndexError
 from annsample.index import ItemIndex, exact_topk
@@ -209,18 +210,6 @@ def test_refresher_publishes_each_kind_with_its_version(asynchronous):
         if not asynchronous:
             # Blocking mode: the caller waited for all of it.
             assert stats["index/total_wait_seconds"] >= stats["index/total_refresh_seconds"]
-
-
-class GatedIndex(ItemIndex):
-    """An ItemIndex whose refreshes wait for a test's signal, to hold a refresh 'in flight'."""
-
-    gate = threading.Event()
-    started = threading.Event()
-
-    def re_add(self, xb, step, ids=None):
-        GatedIndex.started.set()
-        assert GatedIndex.gate.wait(timeout=30)
-        super().re_add(xb, step, ids)
 
 
 def gated_factory() -> ItemIndex:

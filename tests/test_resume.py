@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, SCRIPT, TINY, invoke, metrics_records
+from conftest import REPO, SCRIPT, TINY, TINY_ANN, invoke, metrics_records
 
 from annsample import checkpoint as ckpt
 from annsample import train as train_mod
@@ -37,12 +37,7 @@ RUNS = {
     "ann": (
         *BASE,
         "train.epochs=6",
-        "sampler.name=ann",
-        "sampler.index.nlist=16",
-        "sampler.index.nprobe=4",
-        "sampler.candidates=50",
-        "sampler.index.refresh_every=3",
-        "sampler.index.retrain_every=2",
+        *TINY_ANN,
     ),
 }
 VOLATILE = ("time", "seconds")  # wall-clock fields: train/epoch_seconds, index/*_seconds

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import threading
-
 import torch
+from conftest import GatedIndex
 
-from annsample.index import ItemIndex
 from annsample.refresh import IndexRefresher, embedding_drift
 from annsample.staleness import BuiltSnapshots
 
@@ -17,24 +15,12 @@ def table(step: int) -> torch.Tensor:
     return torch.randn(N, DIM, generator=torch.Generator().manual_seed(step))
 
 
-class HeldIndex(ItemIndex):
-    """An ItemIndex whose re-adds wait for the test's signal, holding a refresh in flight."""
-
-    gate = threading.Event()
-    started = threading.Event()
-
-    def re_add(self, xb, step, ids=None):
-        HeldIndex.started.set()
-        assert HeldIndex.gate.wait(timeout=30)
-        super().re_add(xb, step, ids)
-
-
 def test_async_requests_count_as_built_only_once_published_and_skipped_ones_never():
-    HeldIndex.gate.clear()
-    HeldIndex.started.clear()
+    GatedIndex.gate.clear()
+    GatedIndex.started.clear()
     snapshots = BuiltSnapshots(table(0))
     with IndexRefresher(
-        lambda: HeldIndex(DIM, nlist=4, nprobe=4, backend="faiss"), asynchronous=True
+        lambda: GatedIndex(DIM, nlist=4, nprobe=4, backend="faiss"), asynchronous=True
     ) as refresher:
         refresher.build(table(0), step=0)
         for step in (10, 20, 30):  # 10 in flight, 20 queued then replaced by 30 (skipped)
@@ -42,12 +28,12 @@ def test_async_requests_count_as_built_only_once_published_and_skipped_ones_neve
             snapshots.requested(step, table(step))
             snapshots.sync(refresher.current().version)
             if step == 10:
-                assert HeldIndex.started.wait(timeout=30)
+                assert GatedIndex.started.wait(timeout=30)
         # nothing published yet: drift is still measured from the step-0 table
         assert refresher.current().version == 0
         assert torch.equal(snapshots.built, table(0))
         assert embedding_drift(table(30), snapshots.built) > 0
-        HeldIndex.gate.set()
+        GatedIndex.gate.set()
         assert refresher.wait(timeout=60)
         assert refresher.stats()["index/skipped_requests"] == 1
         snapshots.sync(refresher.current().version)

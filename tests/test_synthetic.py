@@ -152,21 +152,6 @@ def test_budget_must_be_finite_and_non_negative():
         load_config(None, ("train.max_seconds=-1",))
 
 
-def test_memory_estimate_grows_with_the_catalog_and_refuses_what_does_not_fit():
-    from annsample.config import catalog_overrides, load_config
-    from annsample.scale import check_memory, memory_terms
-
-    config = load_config(None, catalog_overrides(1_000_000))
-    small_terms = memory_terms(config, 1_000_000, 1_000_000)
-    large_terms = memory_terms(config, 10_000_000, 10_000_000)
-    small, large = sum(small_terms.values()), sum(large_terms.values())
-    fixed = small_terms["fixed"]
-    assert large - fixed == pytest.approx(10 * (small - fixed), rel=1e-5)  # linear in N and U
-    assert check_memory(config, 1_000_000, 1_000_000, limit=small) == small
-    with pytest.raises(ConfigError, match=r"needs about .* GB .*item_table.* use a smaller"):
-        check_memory(config, 10_000_000, 10_000_000, limit=6 * 2**30)
-
-
 def test_cli_refuses_a_catalog_too_large_before_generating_it(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
