@@ -138,6 +138,9 @@ def _probe_worker(
     union[0] = torch.cat(all_ids).unique().numel()
     result["union_rows"] = int(union[0])
     Path(out, f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
+    # tear down together: a rank that closes its gloo pairs while the other still uses them can
+    # abort that one ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
