@@ -81,7 +81,8 @@ class SamplerConfig:
         "position"  # ann: "position" (every position queries) or "sequence" (last state queries)
     )
     matmul_precision: str = "fp32"  # exact_gumbel: "fp32", "tf32" or "bf16" score matmuls
-    warmup_steps: int = 0  # uniform negatives for the first steps (any sampler but uniform)
+    warmup_steps: int = 0  # warm-up negatives for the first steps (any sampler but uniform)
+    warmup_sampler: str = "uniform"  # what serves the warm-up steps: "uniform" or "popularity"
     index: IndexConfig = field(default_factory=IndexConfig)
 
 
@@ -137,6 +138,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.name": SAMPLER_NAMES,
     "sampler.matmul_precision": ("fp32", "tf32", "bf16"),
     "sampler.query": ("position", "sequence"),
+    "sampler.warmup_sampler": ("uniform", "popularity"),
     "sampler.index.backend": INDEX_BACKENDS,
     "sampler.index.metric": INDEX_METRICS,
     "sampler.index.refresh": ("steps", "epoch", "never", "adaptive"),
@@ -305,6 +307,7 @@ _SAMPLER_KEY_USERS: dict[str, tuple[str, ...]] = {
     "query": ("ann",),
     "matmul_precision": ("exact_gumbel",),
     "warmup_steps": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),  # not uniform
+    "warmup_sampler": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),
 }
 # sampler.index keys and the refresh schedules that read them (not listed: every schedule).
 _REFRESH_KEY_USERS: dict[str, tuple[str, ...]] = {
@@ -353,7 +356,14 @@ def check_ignored_settings(
                 "ignores the sampler; remove the sampler settings or use a sampled loss"
             )
     else:
+        if s.warmup_sampler != reference.sampler.warmup_sampler and not s.warmup_steps:
+            raise ConfigError(
+                f"{where}: sampler.warmup_sampler is set but sampler.warmup_steps=0, so no step "
+                "uses it; set sampler.warmup_steps or remove it"
+            )
         for key, users in _SAMPLER_KEY_USERS.items():
+            if key == "beta" and s.warmup_sampler == "popularity" and s.warmup_steps:
+                continue  # the popularity warm-up reads it
             if s.name not in users and getattr(s, key) != getattr(reference.sampler, key):
                 raise ConfigError(
                     f"{where}: sampler.{key} is set but sampler.name={s.name} ignores it (it is "

@@ -39,7 +39,7 @@ from annsample.model import SASRec, count_parameters
 from annsample.prepare import Prepared, check_sampler_fits, prepare_data, probe_set
 from annsample.refresh import make_index_refresher, make_refresh_schedule
 from annsample.run import MetricsLog, check_run_dir, prepare_run_dir, resume_point
-from annsample.samplers import Sampler, UniformSampler, build_sampler
+from annsample.samplers import Sampler, UniformSampler, build_sampler, make_sampler
 from annsample.staleness import StalenessMonitor
 
 logger = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Training:
     optimizers: list[torch.optim.Optimizer]
     generators: dict[str, torch.Generator]  # "sampler", "order"
     sampler: Sampler | None  # None for full_ce
+    warmup: Sampler = field(default_factory=UniformSampler)  # serves the first warmup_steps
     refresher: Any = None  # the ann sampler's IndexRefresher (AgreedRefresher under DDP)
     schedule: Any = None
     monitor: StalenessMonitor | None = None
@@ -210,6 +211,10 @@ def _setup_sampler(run: Training, built: bool) -> None:
             snapshot = staleness_mod.item_table_snapshot(run.model)
             run.refresher.build(snapshot, step=0, ids=item_ids)
     run.sampler = build_sampler(config.sampler, prepared.popularity, run.refresher)
+    if config.sampler.warmup_steps:
+        run.warmup = make_sampler(
+            config.sampler.warmup_sampler, popularity=prepared.popularity, beta=config.sampler.beta
+        )
     if run.refresher is not None:
         ic = config.sampler.index
         probe_inputs, exclusions = probe_set(prepared, config, run.device)
@@ -259,7 +264,6 @@ def train_epoch(run: Training, epoch: int, budget: guards.Budget) -> tuple[float
     batches = distributed.shard_batches(run.ctx, batches)
     done, total_loss, elapsed = progress.next_batch, progress.epoch_loss_sum, progress.epoch_elapsed
     step = progress.step
-    warmup = UniformSampler()
     loss_fn = distributed.step_function(run.ctx, run.model, step_loss)  # DDP-wrapped under torchrun
     bar = tqdm(
         batches[done:],
@@ -273,7 +277,7 @@ def train_epoch(run: Training, epoch: int, budget: guards.Budget) -> tuple[float
         width = int(lengths[batch].max())  # trim the all-padding left columns
         seq = inputs[batch, -width:].to(run.device)
         tgt = targets[batch, -width:].to(run.device)
-        sampler = warmup if step < config.sampler.warmup_steps else run.sampler
+        sampler = run.warmup if step < config.sampler.warmup_steps else run.sampler
         exclude = config.sampler.exclude_history and run.sampler is not None
         histories = prepared.histories(batch, run.device) if exclude else None
         loss = loss_fn(

@@ -450,6 +450,21 @@ def test_any_text_gives_a_config_or_a_config_error(text):
         ({"sampler": {"name": "exact", "tail_samples": 8}}, "sampler.tail_samples", "exact"),
         ({"sampler": {"name": "uniform", "query": "sequence"}}, "sampler.query", "uniform"),
         ({"sampler": {"name": "uniform", "warmup_steps": 5}}, "sampler.warmup_steps", "uniform"),
+        (
+            {"sampler": {"name": "uniform", "warmup_steps": 5, "warmup_sampler": "popularity"}},
+            "sampler.warmup_steps",
+            "uniform",
+        ),
+        (
+            {"sampler": {"name": "ann", "warmup_sampler": "popularity"}},
+            "sampler.warmup_sampler",
+            "sampler.warmup_steps=0",
+        ),
+        (
+            {"sampler": {"name": "ann", "warmup_steps": 5, "beta": 0.5}},
+            "sampler.beta",
+            "sampler.name=ann",
+        ),
         ({"sampler": {"name": "exact", "index": {"nlist": 8}}}, "sampler.index.nlist", "exact"),
         ({"sampler": {"index": {"metric": "ip"}}}, "sampler.index.metric", "sampler.name=uniform"),
         (
@@ -571,3 +586,10 @@ def test_catalog_size_preset_counts_as_defaults_for_the_ignored_settings_check(u
     # as plain overrides the same keys are settings the chosen sampler / schedule ignores
     with pytest.raises(ConfigError, match="is set but"):
         load_config(None, preset + user)
+
+
+def test_beta_is_read_by_a_popularity_warmup():
+    config = config_from_dict(
+        {"sampler": {"name": "ann", "warmup_steps": 5, "warmup_sampler": "popularity", "beta": 0.5}}
+    )
+    assert config.sampler.warmup_sampler == "popularity" and config.sampler.beta == 0.5

@@ -114,3 +114,25 @@ def test_the_index_is_not_refreshed_from_non_finite_embeddings(tmp_path, monkeyp
     config = load_config(TINY, (*NAN_RUN, *ann, "sampler.index.refresh_every=3"))
     with pytest.raises(NumericalError, match="at step 3: the item embeddings hold NaN or inf, so "):
         train_mod.train(config, tmp_path / "run")
+
+
+def test_warmup_steps_draw_from_the_warmup_sampler_then_the_configured_one(tmp_path, monkeypatch):
+    original = train_mod.step_loss
+    seen = []
+
+    def record(*args):
+        seen.append((args[7], type(args[4]).__name__))  # (steps done, the sampler that served)
+        return original(*args)
+
+    monkeypatch.setattr(train_mod, "step_loss", record)
+    monkeypatch.chdir(REPO)
+    settings = (
+        "train.epochs=1", "train.max_steps_per_epoch=5", "train.num_threads=1",
+        "sampler.name=exact", "sampler.warmup_steps=3", "sampler.warmup_sampler=popularity",
+        "sampler.beta=0.5",
+    )  # fmt: skip
+    train_mod.train(load_config(TINY, settings), tmp_path / "run")
+    assert seen == [
+        (0, "PopularitySampler"), (1, "PopularitySampler"), (2, "PopularitySampler"),
+        (3, "ExactSampler"), (4, "ExactSampler"),
+    ]  # fmt: skip
