@@ -47,7 +47,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
             curve.append((elapsed, record["eval/valid/ndcg@10"]))
     sampler, loss = config["sampler"]["name"], config["loss"]["name"]
     return {
-        "label": f"{sampler} {loss}" + _extra_label(config),
+        "label": f"{sampler} {loss}" + sampler_label(config),
         "sampler": sampler,
         "loss": loss,
         "catalog_size": config["data"]["synthetic_items"],
@@ -60,13 +60,18 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
-def _extra_label(config: dict) -> str:
+def sampler_label(config: dict) -> str:
+    """What a run label adds to "SAMPLER LOSS": pool size, ANN candidates, the warm-up."""
     sampler = config["sampler"]
+    label = ""
     if sampler["name"] == "pool":
-        return f" (pool {sampler['pool_size']})"
-    if sampler["name"] == "ann":
-        return f" ({sampler['candidates']} candidates)"
-    return ""
+        label = f" (pool {sampler['pool_size']})"
+    elif sampler["name"] == "ann":
+        label = f" ({sampler['candidates']} candidates)"
+    if sampler.get("warmup_steps"):
+        warmup = sampler.get("warmup_sampler", "uniform")
+        label += f", {sampler['warmup_steps']} {warmup} warm-up steps"
+    return label
 
 
 def quality_table(runs: list[dict[str, Any]]) -> str:

@@ -10,7 +10,13 @@ from click.testing import CliRunner
 from annsample import data as data_mod
 from annsample.cli.main import main
 from annsample.errors import RunError
-from annsample.quality import plot_curves, quality_table, read_run, transition_count_ranks
+from annsample.quality import (
+    plot_curves,
+    quality_table,
+    read_run,
+    sampler_label,
+    transition_count_ranks,
+)
 from annsample.synthetic import synthetic_catalog
 
 
@@ -98,3 +104,13 @@ def test_command_errors_are_one_line(argv, message, tmp_path):
     assert result.exit_code == 2, result.output
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and message in line, line
+
+
+def test_a_run_label_names_the_candidates_and_the_warmup():
+    ann = {"name": "ann", "candidates": 200, "pool_size": 1000, "warmup_steps": 0}
+    assert sampler_label({"sampler": ann}) == " (200 candidates)"
+    warm = {**ann, "warmup_steps": 500, "warmup_sampler": "popularity"}
+    assert sampler_label({"sampler": warm}) == " (200 candidates), 500 popularity warm-up steps"
+    # run folders written before warmup_sampler existed warmed up with uniform negatives
+    old = {"name": "pool", "pool_size": 1000, "warmup_steps": 50}
+    assert sampler_label({"sampler": old}) == " (pool 1000), 50 uniform warm-up steps"
