@@ -61,9 +61,10 @@ def file_and_line(path: Path, line: int) -> str:
 
 
 def test_beauty_loads_with_published_counts_quickly():
-    start = time.perf_counter()
+    # CPU time, not wall clock: other processes on a shared machine must not fail this test
+    start = time.process_time()
     ds = read_sequences(BEAUTY)
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert (ds.n_users, ds.n_items, len(ds.items)) == (22363, 12101, 198502)
     assert ds.indptr.dtype == ds.items.dtype == np.int64
     assert ds.indptr.shape == (22364,)
@@ -72,7 +73,7 @@ def test_beauty_loads_with_published_counts_quickly():
     assert ds.item_labels is None and ds.user_labels is None
     # Every id 1..N is used (contiguous ids), so nothing in the catalog is dead.
     assert np.array_equal(np.unique(ds.items), np.arange(1, 12102))
-    assert elapsed < 1.0, f"loading Beauty took {elapsed:.2f}s"
+    assert elapsed < 1.0, f"loading Beauty took {elapsed:.2f} s of CPU time"
 
 
 def test_beauty_split_shapes():
