@@ -155,6 +155,7 @@ def plan_runs(
     seeds: list[int] | None = None,
     overrides: tuple[str, ...] = (),
     threads: int = 1,
+    preset: tuple[str, ...] = (),
 ) -> list[PlannedRun]:
     """Every combination of the grid (times every seed), each config validated before any run.
 
@@ -168,11 +169,13 @@ def plan_runs(
         seeds: one run per seed per combination (None = the config's own seed, not in the label).
         overrides: ``KEY=VALUE`` for every run.
         threads: ``train.num_threads`` for runs whose config leaves it at 0 (torch's default).
+        preset: settings applied before the config file's own (e.g.
+            :func:`annsample.config.catalog_overrides` for ``--catalog-size``).
     """
     axes = parse_grid(grid)
     if any(key == "seed" for key, _ in axes):
         raise ConfigError("vary the seed with --seeds 0,1,2, not --grid seed=...")
-    base = load_config(config_path, overrides)
+    base = load_config(config_path, overrides, preset=preset)
     short = [key.split(".")[-1] for key, _ in axes]
     # the last part of a key names it in folder names, unless two axes share it
     names = [s if short.count(s) == 1 else key for s, (key, _) in zip(short, axes, strict=True)]
@@ -189,11 +192,13 @@ def plan_runs(
             run_label = label if seed is None else f"{label}_seed={seed}"
             extra = (f"name={base.name}-{label}", "train.show_progress=false")
             try:
-                config = load_config(config_path, overrides + seeded + extra)
+                config = load_config(config_path, overrides + seeded + extra, preset=preset)
             except ConfigError:
                 # a combination whose schedule ignores one of its grid values (e.g. asynchronous
                 # with refresh=never) would repeat another run; other errors still stop the plan
-                load_config(config_path, overrides + seeded + extra, check_ignored=False)
+                load_config(
+                    config_path, overrides + seeded + extra, check_ignored=False, preset=preset
+                )
                 if seed is None or seed == seeds[0]:
                     left_out.append(label)
                 continue
@@ -202,7 +207,7 @@ def plan_runs(
             plans.append(PlannedRun(run_label, seeded, config))
     if left_out:
         if not plans:
-            load_config(config_path, overrides + settings + extra)  # raises: say why
+            load_config(config_path, overrides + settings + extra, preset=preset)  # raises: say why
         logger.warning(
             "left out %d grid combination(s) whose refresh schedule or sampler ignores one of "
             "their values (they would repeat another run): %s",
@@ -325,6 +330,7 @@ def run_ablation(
     overwrite: bool = False,
     runner: Runner | None = None,
     show_progress: bool = True,
+    preset: tuple[str, ...] = (),
 ) -> list[RunOutcome]:
     """Run (or resume) every run of the grid; returns one outcome per planned run, in grid order.
 
@@ -332,12 +338,14 @@ def run_ablation(
     its own spawned process, at most ``jobs`` at once (a run that crashes its process fails alone).
     ``runner`` (default :func:`train_runner`) must be a module-level function when ``jobs`` > 1
     (it is sent to the workers). Nothing is trained until every config is valid and every
-    existing run folder matches the grid.
+    existing run folder matches the grid. ``preset``: see :func:`plan_runs`.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {jobs}")
     runner = train_runner if runner is None else runner
-    plans = plan_runs(config_path, grid, seeds, overrides, threads=default_threads(jobs))
+    plans = plan_runs(
+        config_path, grid, seeds, overrides, threads=default_threads(jobs), preset=preset
+    )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} exists and is not a folder; choose another --out")
@@ -365,6 +373,7 @@ def run_ablation(
         "grid": list(grid),
         "seeds": seeds,
         "overrides": list(overrides),
+        "preset": list(preset),
         "jobs": jobs,
         "runs": [plan.label for plan in plans],
     }

@@ -386,6 +386,13 @@ def ablate() -> None:
     is_flag=True,
     help="Train every run from scratch (default: skip finished runs, resume interrupted ones).",
 )
+@click.option(
+    "--catalog-size",
+    default=None,
+    metavar="N",
+    help="Every run on a synthetic catalog of N items (e.g. 100k) with the settings of "
+    "train --catalog-size N; --config and --set still win.",
+)
 @_user_errors
 def ablate_run(
     config_path: Path | None,
@@ -395,12 +402,16 @@ def ablate_run(
     overrides: tuple[str, ...],
     out_dir: Path,
     overwrite: bool,
+    catalog_size: str | None,
 ) -> None:
     """Train (or resume) one run per combination of the grid, then write results.csv,
     results.json, summary.md and plots into --out; exits 1 if any run failed."""
     from annsample.ablation import failures_text, outcomes_table, parse_seeds, run_ablation
     from annsample.ablation_report import write_report
+    from annsample.config import catalog_overrides
+    from annsample.synthetic import parse_size
 
+    preset = catalog_overrides(parse_size(catalog_size)) if catalog_size is not None else ()
     outcomes = run_ablation(
         config_path,
         grid,
@@ -409,6 +420,7 @@ def ablate_run(
         overrides=overrides,
         jobs=jobs,
         overwrite=overwrite,
+        preset=preset,
     )
     click.echo(outcomes_table(outcomes), nl=False)
     failed = failures_text(outcomes)

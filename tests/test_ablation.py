@@ -28,7 +28,7 @@ from annsample.ablation import (
 )
 from annsample.ablation_report import collect_rows
 from annsample.cli.main import main
-from annsample.config import RunConfig
+from annsample.config import RunConfig, catalog_overrides
 from annsample.errors import ConfigError
 
 ANN = (
@@ -110,6 +110,27 @@ def test_grid_expands_every_combination_times_every_seed():
     # a thread count the user fixed is kept
     (fixed,) = plan_runs(TINY, ("train.lr=0.01",), overrides=("train.num_threads=2",), threads=5)
     assert (fixed.label, fixed.config.train.num_threads) == ("lr=0.01", 2)
+
+
+def test_catalog_preset_applies_to_every_run_and_settings_still_win():
+    preset = catalog_overrides(100_000)
+    plans = plan_runs(
+        None,
+        (f"{REFRESH}=10,never",),
+        seeds=[0],
+        overrides=("train.max_seconds=60",),
+        preset=preset,
+    )
+    assert [plan.label for plan in plans] == [
+        "refresh_every=10_seed=0",
+        "refresh_every=never_seed=0",
+    ]
+    for plan in plans:
+        assert plan.config.data.path == "synthetic"
+        assert plan.config.data.synthetic_items == 100_000
+        assert plan.config.sampler.name == "ann"
+        assert plan.config.train.max_seconds == 60  # --set wins over the preset
+    assert plans[1].config.sampler.index.refresh == "never"
 
 
 def test_axes_sharing_a_last_key_part_get_full_names():
