@@ -6,8 +6,9 @@ Each run folder under the ablation's output folder (one with ``config.yaml``) is
 runs (other than the seed) are the ablation's axes; the refresh schedule is always shown as one
 ``refresh_interval`` column (``1``, ``100``, ``epoch``, ``adaptive``, ``never``; ``-`` where no
 index is used). Outputs: ``results.csv`` and ``results.json`` (one row per run), ``summary.md``
-(mean ± std over seeds), and the PNG plots ``quality.png``, ``wall_time.png`` and
-``staleness.png``.
+(mean ± std over seeds), and the PNG plots ``quality.png``, ``wall_time.png``, ``staleness.png``
+and ``training.png`` (training loss and validation NDCG@10 over steps, where a refresh that
+unsettles training, as ANCE-style work reports, would show).
 """
 
 from __future__ import annotations
@@ -38,7 +39,15 @@ OUTPUTS = (
     "quality.png",
     "wall_time.png",
     "staleness.png",
+    "training.png",
 )
+SERIES = {  # run series read from metrics.jsonl: name -> key
+    "recall": "index/recall@k",
+    "drift": "index/drift",
+    "tv": "sampler/tv_to_exact",
+    "loss": "train/loss",
+    "valid": "eval/valid/ndcg@10",
+}
 
 
 def refresh_interval(config: dict[str, Any]) -> str:
@@ -123,9 +132,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         "retrain_count": last.get("index/retrain_count", 0),
         "refresh_seconds": last.get("index/total_refresh_seconds", 0.0),
         "wait_seconds": last.get("index/total_wait_seconds", 0.0),
-        "recall": _series(records, "index/recall@k"),
-        "drift": _series(records, "index/drift"),
-        "tv": _series(records, "sampler/tv_to_exact"),
+        **{name: _series(records, key) for name, key in SERIES.items()},
     }
 
 
@@ -180,7 +187,7 @@ def collect_rows(out_dir: str | Path) -> tuple[list[dict[str, Any]], list[str], 
             row[key] = run[key]
         for name in ("recall", "drift", "tv"):
             row[f"{name}_mean"], row[f"{name}_final"] = _mean(run[name]), _final(run[name])
-        row["_series"] = {name: run[name] for name in ("recall", "drift", "tv")}
+        row["_series"] = {name: run[name] for name in SERIES}
         rows.append(row)
     steps_per_epoch = float(
         np.median(
@@ -289,7 +296,8 @@ def _series_label(settings: tuple, columns: list[str]) -> str:
 
 
 def plot_report(rows: list[dict[str, Any]], columns: list[str], out: Path) -> None:
-    """quality.png, wall_time.png and staleness.png (matplotlib, Agg canvas, no global state)."""
+    """quality.png, wall_time.png, staleness.png and training.png (matplotlib, Agg canvas, no
+    global state)."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -345,13 +353,43 @@ def plot_report(rows: list[dict[str, Any]], columns: list[str], out: Path) -> No
         "wall time vs refresh interval",
     )
 
-    fig = Figure(figsize=(10.0, 3.8), layout="constrained")
+    groups = _groups(rows, columns)
+    step_panels(
+        out / "staleness.png",
+        groups,
+        columns,
+        [("recall", "index recall@k"), ("tv", "TV to exact GenNi")],
+        "staleness over training (mean over seeds, probes as logged)",
+        "no staleness records (no ann run)",
+    )
+    step_panels(
+        out / "training.png",
+        groups,
+        columns,
+        [("loss", "training loss (logged steps)"), ("valid", "validation NDCG@10")],
+        "training over steps (mean over seeds)",
+        "no training records",
+    )
+
+
+def step_panels(
+    path: Path,
+    groups: dict[tuple, list[dict[str, Any]]],
+    columns: list[str],
+    panels: list[tuple[str, str]],
+    title: str,
+    empty: str,
+) -> None:
+    """One PNG with a panel per run series (``SERIES`` names) against the training step: one line
+    per setting combination, the mean over its seeds at each logged step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.0 * len(panels), 3.8), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
-    for ax, (name, ylabel) in zip(
-        axes, [("recall", "index recall@k"), ("tv", "TV to exact GenNi")], strict=True
-    ):
-        for settings, group in _groups(rows, columns).items():
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (name, ylabel) in zip(axes, panels, strict=True):
+        for settings, group in groups.items():
             by_step: dict[int, list[float]] = defaultdict(list)
             for row in group:
                 for step, value in row["_series"][name]:
@@ -369,8 +407,6 @@ def plot_report(rows: list[dict[str, Any]], columns: list[str], out: Path) -> No
         axes[0].legend(fontsize="small")
     else:
         for ax in axes:
-            ax.text(
-                0.5, 0.5, "no staleness records (no ann run)", ha="center", transform=ax.transAxes
-            )
-    fig.suptitle("staleness over training (mean over seeds, probes as logged)")
-    fig.savefig(out / "staleness.png", dpi=110)
+            ax.text(0.5, 0.5, empty, ha="center", transform=ax.transAxes)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)

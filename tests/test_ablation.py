@@ -38,7 +38,7 @@ ANN = (
     "sampler.index.nprobe=4",
 )
 REFRESH = "sampler.index.refresh_every"
-PLOTS = ("quality.png", "wall_time.png", "staleness.png")
+PLOTS = ("quality.png", "wall_time.png", "staleness.png", "training.png")
 
 
 class Recorder:

@@ -26,7 +26,7 @@ from annsample.errors import RunError
 
 ANN = (TINY_DATA, "sampler.name=ann", "sampler.index.nlist=16", "sampler.index.nprobe=4")
 REFRESH = "sampler.index.refresh_every"
-PLOTS = ("quality.png", "wall_time.png", "staleness.png")
+PLOTS = ("quality.png", "wall_time.png", "staleness.png", "training.png")
 
 
 def test_rows_hold_settings_metrics_and_index_figures(tmp_path):
@@ -57,6 +57,9 @@ def test_rows_hold_settings_metrics_and_index_figures(tmp_path):
         assert (row["refresh_count"], row["wait_seconds"]) == (4, 0.5)
         assert (row["recall_mean"], row["recall_final"]) == (pytest.approx(0.85), 0.8)
         assert row["tv_final"] == 0.2 and row["drift_mean"] is None
+        # the training curves behind training.png
+        assert row["_series"]["loss"] == [(20, 0.8), (40, 0.6)]
+        assert row["_series"]["valid"][-1] == (40, pytest.approx(row["test_ndcg@10"]))
         assert row["wall_seconds"] >= 0.0
     summary = summary_markdown(rows, columns, unfinished)
     never = [line for line in summary.splitlines() if line.startswith("| never | False |")]
