@@ -155,7 +155,8 @@ def test_warmup_steps_draw_from_the_warmup_sampler_then_the_configured_one(tmp_p
 
 # train/loss of the first steps of configs/tiny.yaml, recorded before the learning-rate schedule,
 # layer-norm placement and the new losses existed (commit 1d65aec); the defaults must reproduce
-# them exactly (CPU, one thread, as the suite runs)
+# them (to float32 rounding: another CPU's kernels may round differently; any real change of
+# behaviour moves them by far more)
 BEFORE = {
     (): [1.3868815898895264, 1.3934814929962158, 1.387401819229126, 1.3874199390411377],
     ("loss.name=sampled_softmax", "sampler.num_negatives=8"): [
@@ -178,10 +179,11 @@ def step_losses(out) -> list[float]:
 def test_defaults_reproduce_the_losses_from_before_the_recipe_knobs(tmp_path, monkeypatch, extra):
     monkeypatch.chdir(REPO)
     train_mod.train(load_config(TINY, (*SHORT, *extra)), tmp_path / "run")
-    assert step_losses(tmp_path / "run") == BEFORE[extra]  # bit-identical, not approximately
+    default = step_losses(tmp_path / "run")
+    assert default == pytest.approx(BEFORE[extra], rel=1e-5)
     explicit = ("model.layer_norm=post", "train.lr_schedule=constant", "train.lr_warmup_steps=0")
     train_mod.train(load_config(TINY, (*SHORT, *extra, *explicit)), tmp_path / "explicit")
-    assert step_losses(tmp_path / "explicit") == BEFORE[extra]
+    assert step_losses(tmp_path / "explicit") == default  # the same machine: bit-identical
 
 
 def test_steps_per_epoch_counts_the_batches_make_batches_gives():
