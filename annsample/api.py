@@ -31,6 +31,7 @@ Example (runs as a doctest):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -42,7 +43,13 @@ import torch
 from annsample.config import SAMPLED_LOSS_NAMES, SAMPLER_NAMES
 from annsample.errors import SamplerError
 from annsample.index import ItemIndex, default_nlist, exact_topk, recall_at_k
-from annsample.losses import bce_loss, gbce_loss, sampled_softmax_loss
+from annsample.losses import (
+    bce_loss,
+    corrected_logq_loss,
+    gbce_loss,
+    sampled_softmax_loss,
+    scaled_ce_loss,
+)
 from annsample.refresh import IndexRefresher, RefreshSchedule, embedding_drift, schedule_for
 from annsample.samplers import AnnSampler, Exclusions, Sampler, make_sampler
 
@@ -251,7 +258,8 @@ def sample_negatives(
 
     Args:
         sampler: an annsample sampler (``annsample.samplers``: uniform, popularity, exact, pool,
-            dns, ann).
+            dns, ann, in_batch, mixed, tron). The in-batch ones draw from ``positives`` itself:
+            the positives of the batch's real positions.
         hidden: (B, T, d) or (B, d) float hidden states.
         positives: (B, T) or (B,) int64 positive ids in 1..N; with (B, T), 0 marks a padding
             position, which gets no negatives. Each position's positive is never drawn.
@@ -357,17 +365,23 @@ def sampled_loss(
     *,
     n_items: int | None = None,
     gbce_t: float = 0.75,
+    sce_scale: float = 100.0,
+    corrected_logq: bool = False,
 ) -> torch.Tensor:
     """A sampled-negative loss over P positions (see :mod:`annsample.losses`).
 
     Args:
         name: "bce" (SASRec / GenNi), "sampled_softmax" (logQ-corrected when ``log_q`` is
-            given) or "gbce" (gSASRec; needs ``n_items``).
+            given), "gbce" (gSASRec; needs ``n_items``) or "scaled_ce" (SCE: the negatives'
+            sum scaled by ``sce_scale``).
         pos_logits: (P,) float; neg_logits: (P, k) float.
         log_q: (P, k) log proposal probability of each negative (``SampledNegatives.log_q``);
             only "sampled_softmax" reads it.
         n_items: catalog size N, for "gbce".
         gbce_t: gSASRec's calibration t in [0, 1].
+        sce_scale: SCE's α > 0, for "scaled_ce".
+        corrected_logq: "sampled_softmax" with Khrylchenko et al.'s corrected logQ
+            (:func:`annsample.losses.corrected_logq_loss`); needs ``log_q``.
     """
     if name not in LOSS_NAMES:
         raise SamplerError(f"unknown loss {name!r}; choose one of {', '.join(LOSS_NAMES)}")
@@ -376,6 +390,15 @@ def sampled_loss(
             f"losses take pos_logits (P,) and neg_logits (P, k), got {tuple(pos_logits.shape)} "
             f"and {tuple(neg_logits.shape)}"
         )
+    if corrected_logq and name != "sampled_softmax":
+        raise SamplerError(
+            f"corrected_logq=True corrects a sampled softmax's logQ; loss {name!r} has none "
+            "(use name='sampled_softmax')"
+        )
+    if name == "scaled_ce":
+        if not math.isfinite(sce_scale) or sce_scale <= 0:
+            raise SamplerError(f"scaled_ce needs sce_scale > 0 (finite), got {sce_scale!r}")
+        return scaled_ce_loss(pos_logits, neg_logits, sce_scale)
     if name == "bce":
         return bce_loss(pos_logits, neg_logits)
     if name == "gbce":
@@ -388,6 +411,13 @@ def sampled_loss(
         raise SamplerError(
             f"log_q has shape {tuple(log_q.shape)} but neg_logits {tuple(neg_logits.shape)}"
         )
+    if corrected_logq:
+        if log_q is None:
+            raise SamplerError(
+                "corrected_logq=True needs log_q, the (P, k) log probability each negative was "
+                "drawn with (SampledNegatives.log_q)"
+            )
+        return corrected_logq_loss(pos_logits, neg_logits, log_q)
     return sampled_softmax_loss(pos_logits, neg_logits, log_q)
 
 
@@ -409,13 +439,18 @@ class NegativeSampler:
             every refresh, and the sampler scores with the vectors of the latest refresh (what
             ANCE-style training does); ``stats()["index/encode_seconds"]`` is that cost.
         sampler: "ann" (the product: IVF top-``candidates``, rescored, GenNi over them), or
-            "exact", "pool", "dns", "uniform", "popularity" (baselines).
+            "exact", "exact_gumbel", "pool", "dns", "uniform", "popularity", "in_batch",
+            "mixed", "tron" (baselines).
         num_negatives: k per position (default for :meth:`sample`).
         alpha: GenNi inverse temperature; candidates: K; epsilon: uniform mass;
             tail_samples: uniform items estimating the mass outside the candidates;
             query: "position" or "sequence" (see :class:`annsample.samplers.AnnSampler`).
         pool_size: M for "pool" and "dns". popularity: (N+1,) counts for "popularity"; beta: its
             exponent.
+        in_batch_negatives: of each call's k, the negatives "mixed" draws from the batch (the
+            rest uniform; k must exceed it), or "tron"'s in-batch candidates.
+        uniform_candidates: "tron"'s uniform candidates shared by the batch (it keeps the k
+            best-scoring of all its candidates).
         nlist, nprobe: IVF lists and lists probed (None: about sqrt(N), and nlist / 8).
         metric, backend: see :class:`annsample.index.ItemIndex`.
         refresh: the refresh policy (default: re-add every 100 steps, retrain every 10th).
@@ -436,6 +471,8 @@ class NegativeSampler:
         pool_size: int = 1000,
         popularity: np.ndarray | torch.Tensor | None = None,
         beta: float = 1.0,
+        in_batch_negatives: int = 127,
+        uniform_candidates: int = 16384,
         nlist: int | None = None,
         nprobe: int | None = None,
         metric: str = "l2_augmented",
@@ -521,7 +558,13 @@ class NegativeSampler:
             )
         else:
             self.core = make_sampler(
-                sampler, alpha=alpha, pool_size=pool_size, popularity=popularity, beta=beta
+                sampler,
+                alpha=alpha,
+                pool_size=pool_size,
+                popularity=popularity,
+                beta=beta,
+                in_batch_negatives=in_batch_negatives,
+                uniform_candidates=uniform_candidates,
             )
 
     # ----------------------------------------------------------------------------- per step

@@ -271,25 +271,49 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _MISSING = object()
 
 
-def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts (or exist in only one)."""
+def config_differences(
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts (or exist in only one).
+
+    A key ``saved`` lacks counts as its value in ``defaults`` (a nested config dict of the
+    built-in defaults), when given: a checkpoint written before a setting existed ran with the
+    behaviour that setting's default keeps.
+
+    >>> config_differences({"a": 1}, {"a": 1, "b": 2}, defaults={"b": 2})
+    []
+    >>> config_differences({"a": 1}, {"a": 1, "b": 3}, defaults={"b": 2})
+    ['b']
+    """
     a, b = flatten(saved), flatten(current)
+    a = {**flatten(defaults or {}), **a}
     return [
         key for key in sorted(a.keys() | b.keys()) if a.get(key, _MISSING) != b.get(key, _MISSING)
     ]
 
 
-def check_config(payload: Mapping[str, Any], current: Mapping[str, Any], path: Path) -> list[str]:
+def check_config(
+    payload: Mapping[str, Any],
+    current: Mapping[str, Any],
+    path: Path,
+    defaults: Mapping[str, Any] | None = None,
+) -> list[str]:
     """Refuse a checkpoint written under another config; return the harmless keys that changed.
+
+    ``defaults`` (the built-in config as a nested dict) stand in for keys an older checkpoint
+    lacks (see :func:`config_differences`).
 
     Raises:
         CheckpointError: naming the first setting that differs (and how many others do).
     """
-    changed = config_differences(payload["config"], current)
+    changed = config_differences(payload["config"], current, defaults)
     blocking = [key for key in changed if key not in RESUMABLE_CHANGES]
     if blocking:
         key = blocking[0]
-        saved, now = flatten(payload["config"]), flatten(current)
+        saved = {**flatten(defaults or {}), **flatten(payload["config"])}
+        now = flatten(current)
         more = (
             f" (and {len(blocking) - 1} more: {', '.join(blocking[1:4])})" if blocking[1:] else ""
         )
@@ -426,13 +450,18 @@ def restore_training(
     model: torch.nn.Module,
     optimizers: list[torch.optim.Optimizer],
     generators: Mapping[str, torch.Generator],
+    schedulers: list[Any] = (),
 ) -> Progress:
-    """Load weights, optimiser moments and RNGs from a checkpoint; return its progress (the index
-    is :func:`restore_refresher`'s)."""
+    """Load weights, optimiser moments, learning-rate schedulers and RNGs from a checkpoint;
+    return its progress (the index is :func:`restore_refresher`'s). A checkpoint from before
+    schedulers were saved holds none, as a run without a schedule."""
     try:
         model.load_state_dict(checkpoint["model"])
         for optimizer, state in zip(optimizers, checkpoint["optimizers"], strict=True):
             optimizer.load_state_dict(state)
+        saved = checkpoint.get("schedulers", [])
+        for scheduler, state in zip(schedulers, saved, strict=True):
+            scheduler.load_state_dict(state)
     except (RuntimeError, ValueError, KeyError) as error:
         # check_config makes this unreachable for annsample's own checkpoints
         raise CheckpointError(f"the checkpoint does not fit the model: {error}") from None

@@ -43,6 +43,7 @@ class ModelConfig:
     sparse_embeddings: bool = (
         False  # sparse item-embedding gradients (use with SparseAdam at 1M items)
     )
+    layer_norm: str = "post"  # "post" (LayerNorm after each residual) or "pre" (+ a final one)
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,9 @@ class IndexConfig:
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    name: str = "uniform"  # uniform, popularity, exact, exact_gumbel, pool, dns, ann
-    num_negatives: int = 1  # k negatives per position
+    # uniform, popularity, exact, exact_gumbel, pool, dns, ann, in_batch, mixed, tron
+    name: str = "uniform"
+    num_negatives: int = 1  # k negatives per position (tron: the k kept of its candidates)
     exclude_history: bool = (
         True  # also exclude the user's training history (the positive always is)
     )
@@ -81,16 +83,23 @@ class SamplerConfig:
         "position"  # ann: "position" (every position queries) or "sequence" (last state queries)
     )
     matmul_precision: str = "fp32"  # exact_gumbel: "fp32", "tf32" or "bf16" score matmuls
-    warmup_steps: int = 0  # warm-up negatives for the first steps (any sampler but uniform)
+    warmup_steps: int = 0  # warm-up negatives for the first steps (not uniform, in_batch, mixed)
     warmup_sampler: str = "uniform"  # what serves the warm-up steps: "uniform" or "popularity"
+    # mixed: how many of the num_negatives come from the batch's positives (the rest uniform);
+    # tron: in-batch candidates per position (TRON's 127)
+    in_batch_negatives: int = 127
+    uniform_candidates: int = 16384  # tron: uniform candidates shared by the batch (TRON's 16,384)
     index: IndexConfig = field(default_factory=IndexConfig)
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    name: str = "bce"  # bce, sampled_softmax, gbce, full_ce
+    name: str = "bce"  # bce, sampled_softmax, gbce, scaled_ce, full_ce
     gbce_t: float = 0.75  # gSASRec calibration parameter t
     logq_correction: bool = True  # sampled_softmax only
+    # sampled_softmax with logq_correction: Khrylchenko et al.'s corrected logQ (losses module)
+    corrected_logq: bool = False
+    sce_scale: float = 100.0  # scaled_ce: α, the scale of the negatives' sum (Xu et al. 2024)
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,9 @@ class TrainConfig:
     keep_checkpoints: int = 3  # newest checkpoints kept in <run>/checkpoints
     valid_users: int = 0  # users validated during training (0 = as eval_users)
     max_seconds: float = 0.0  # training-loop wall-clock budget, validations included (0 = none)
+    lr_warmup_steps: int = 0  # linear learning-rate warm-up over the first steps (0 = none)
+    # "constant", or "cosine" / "linear" decay to 0 over epochs x steps per epoch (see train.py)
+    lr_schedule: str = "constant"
 
 
 @dataclass(frozen=True)
@@ -127,14 +139,21 @@ class RunConfig:
 
 
 # The one registry of names: samplers.make_sampler builds each sampler, api and the CLI list them.
-SAMPLER_NAMES = ("uniform", "popularity", "exact", "exact_gumbel", "pool", "dns", "ann")
-SAMPLED_LOSS_NAMES = ("bce", "sampled_softmax", "gbce")  # losses over sampled negatives
+SAMPLER_NAMES = (
+    "uniform", "popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "in_batch", "mixed",
+    "tron",
+)  # fmt: skip
+# samplers whose negatives come from the batch's positives (a probe of held-out users has none)
+BATCH_SAMPLER_NAMES = ("in_batch", "mixed", "tron")
+# losses over sampled negatives
+SAMPLED_LOSS_NAMES = ("bce", "sampled_softmax", "gbce", "scaled_ce")
 LOSS_NAMES = (*SAMPLED_LOSS_NAMES, "full_ce")
 INDEX_BACKENDS = ("auto", "faiss", "faiss-gpu", "exact", "torch_ivf")
 INDEX_METRICS = ("ip", "l2_augmented", "cosine")
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "sequences", "interactions"),
+    "model.layer_norm": ("post", "pre"),
     "sampler.name": SAMPLER_NAMES,
     "sampler.matmul_precision": ("fp32", "tf32", "bf16"),
     "sampler.query": ("position", "sequence"),
@@ -144,6 +163,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sampler.index.refresh": ("steps", "epoch", "never", "adaptive"),
     "loss.name": LOSS_NAMES,
     "train.device": ("cpu", "cuda", "auto"),
+    "train.lr_schedule": ("constant", "cosine", "linear"),
 }
 POSITIVE = {
     "data.max_len",
@@ -283,6 +303,17 @@ def _check_consistency(config: RunConfig, where: str) -> None:
         )
     if not math.isfinite(config.train.lr) or config.train.lr <= 0:
         raise ConfigError(f"{where}: train.lr must be a finite number > 0, got {config.train.lr}")
+    if config.train.lr_warmup_steps < 0:
+        raise ConfigError(
+            f"{where}: train.lr_warmup_steps must be >= 0 (0 = no warm-up), "
+            f"got {config.train.lr_warmup_steps}"
+        )
+    if not math.isfinite(config.loss.sce_scale) or config.loss.sce_scale <= 0:
+        raise ConfigError(
+            f"{where}: loss.sce_scale must be a finite number > 0 (the paper's is 100), "
+            f"got {config.loss.sce_scale}"
+        )
+    _check_batch_sampler(config.sampler, where)
     for key in ("nlist", "nprobe"):
         if getattr(config.sampler.index, key) < 0:
             raise ConfigError(
@@ -296,6 +327,27 @@ def _check_consistency(config: RunConfig, where: str) -> None:
         )
 
 
+def _check_batch_sampler(s: SamplerConfig, where: str) -> None:
+    """The candidate counts of the in-batch samplers: non-negative, and enough of them."""
+    for key in ("in_batch_negatives", "uniform_candidates"):
+        if getattr(s, key) < 0:
+            raise ConfigError(f"{where}: sampler.{key} must be >= 0, got {getattr(s, key)}")
+    if s.name == "mixed" and not 1 <= s.in_batch_negatives < s.num_negatives:
+        raise ConfigError(
+            f"{where}: sampler.name=mixed draws sampler.in_batch_negatives of its "
+            f"sampler.num_negatives negatives from the batch and the rest uniformly, so it needs "
+            f"1 <= in_batch_negatives < num_negatives; got {s.in_batch_negatives} of "
+            f"{s.num_negatives} (use sampler.name=in_batch for in-batch negatives only)"
+        )
+    if s.name == "tron" and s.in_batch_negatives + s.uniform_candidates < s.num_negatives:
+        raise ConfigError(
+            f"{where}: sampler.name=tron keeps the sampler.num_negatives={s.num_negatives} "
+            f"best of sampler.in_batch_negatives + sampler.uniform_candidates = "
+            f"{s.in_batch_negatives} + {s.uniform_candidates} candidates; raise the candidates "
+            "or lower num_negatives"
+        )
+
+
 # Sampler keys and the samplers that read them (keys not listed are read by every sampler).
 _SAMPLER_KEY_USERS: dict[str, tuple[str, ...]] = {
     "alpha": ("exact", "exact_gumbel", "pool", "ann"),
@@ -306,8 +358,11 @@ _SAMPLER_KEY_USERS: dict[str, tuple[str, ...]] = {
     "tail_samples": ("ann",),
     "query": ("ann",),
     "matmul_precision": ("exact_gumbel",),
-    "warmup_steps": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),  # not uniform
-    "warmup_sampler": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann"),
+    # not uniform, in_batch or mixed: a draw that ignores the model has nothing to warm up for
+    "warmup_steps": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
+    "warmup_sampler": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
+    "in_batch_negatives": ("mixed", "tron"),
+    "uniform_candidates": ("tron",),
 }
 # sampler.index keys and the refresh schedules that read them (not listed: every schedule).
 _REFRESH_KEY_USERS: dict[str, tuple[str, ...]] = {
@@ -324,6 +379,20 @@ _NOT_FOR_SAMPLED_SOFTMAX = {
     "subtracts only log k",
     "pool": "pool's log q is conditional on the one pool shared by the batch, not the probability "
     "of drawing the item",
+}
+# Samplers that may feed a sampled softmax only without the logQ correction (their loss as
+# published), with the reason the correction cannot apply.
+_NO_LOGQ = {
+    "tron": "tron keeps the top sampler.num_negatives of its candidates by current score, and a "
+    "top-k selection has no tractable proposal probability to correct for (TRON, Wilm et al. "
+    "2023, trains its sampled softmax without one)",
+}
+# loss keys and the losses that read them
+_LOSS_KEY_USERS: dict[str, tuple[str, ...]] = {
+    "logq_correction": ("sampled_softmax",),
+    "corrected_logq": ("sampled_softmax",),
+    "gbce_t": ("gbce",),
+    "sce_scale": ("scaled_ce",),
 }
 
 
@@ -390,14 +459,25 @@ def check_ignored_settings(
         raise ConfigError(
             f"{where}: loss.name=sampled_softmax with sampler.name={s.name} is wrong: "
             f"{_NOT_FOR_SAMPLED_SOFTMAX[s.name]}. Use sampler.name=ann or exact (log q exact), "
-            "uniform or popularity, or keep this sampler with loss.name=bce"
+            "uniform, popularity or mixed, or keep this sampler with loss.name=bce"
         )
-    for key, users in (("logq_correction", ("sampled_softmax",)), ("gbce_t", ("gbce",))):
+    if loss.name == "sampled_softmax" and loss.logq_correction and s.name in _NO_LOGQ:
+        raise ConfigError(
+            f"{where}: loss.logq_correction=true (the default) with sampler.name={s.name} is "
+            f"wrong: {_NO_LOGQ[s.name]}. Set loss.logq_correction=false"
+        )
+    for key, users in _LOSS_KEY_USERS.items():
         if loss.name not in users and getattr(loss, key) != getattr(reference.loss, key):
             raise ConfigError(
                 f"{where}: loss.{key} is set but loss.name={loss.name} ignores it (only "
                 f"loss.name={users[0]} reads it); remove it or change the loss"
             )
+    if loss.corrected_logq and not loss.logq_correction:
+        raise ConfigError(
+            f"{where}: loss.corrected_logq is set but loss.logq_correction=false turns the logQ "
+            "correction off, so there is nothing to correct; set loss.logq_correction=true or "
+            "remove loss.corrected_logq"
+        )
 
 
 def catalog_overrides(n_items: int) -> tuple[str, ...]:

@@ -50,6 +50,67 @@ def sampled_softmax_loss(
     return (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
 
 
+def corrected_logq_loss(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor, neg_log_q: torch.Tensor
+) -> torch.Tensor:
+    """Sampled softmax with the corrected logQ of Khrylchenko et al. (RecSys 2025, "Correcting the
+    LogQ Correction: Revisiting Sampled Softmax for Large-Scale Retrieval", arXiv 2507.09331).
+
+    The full-softmax gradient is -(1 - p₊)·∇s₊ + Σ_{j≠+} p_j·∇s_j, p the softmax over every item.
+    The standard correction estimates it with the positive inside a Monte-Carlo denominator, but
+    the positive is always present, never sampled. Splitting it out, Σ_{j≠+} p_j·∇s_j is
+    (1 - p₊) times an expectation over the negatives, which self-normalised importance sampling
+    from q estimates; per position the loss is
+
+        w · (-s₊ + log Σ_j exp(s_j - log(k·q_j))),   w = stopgrad(1 - p̂₊),
+        p̂₊ = exp(s₊) / (exp(s₊) + Σ_j exp(s_j - log(k·q_j))),
+
+    over the k negatives j: the positive is not in the denominator, and the weight w is the
+    model's estimated probability of ranking something else first (its sum over j/k·q_j is the
+    unbiased estimate of the partition function without the positive). The authors' code
+    (github.com/NonameUntitled/logq, ``train_in_batch_logq_new.py``) has this form; there the
+    denominator's sum takes s_j - log q_j, which differs from the log(k·q_j) here by the
+    constant log k (same gradient, loss shifted by w·log k). The value can be negative, since
+    the positive is not in the denominator.
+
+    Args:
+        pos_logits: (P,) float32.
+        neg_logits: (P, k) float32.
+        neg_log_q: (P, k) log proposal probability of each negative (it must be the probability
+            the negative was drawn with: the correction is meaningless without it).
+    """
+    corrected = neg_logits - neg_log_q - math.log(neg_logits.shape[1])  # (P, k)
+    log_negatives = torch.logsumexp(corrected, dim=1)  # (P,)
+    with torch.no_grad():
+        # 1 - p̂₊ = σ(log Σ_j exp(s_j - log(k q_j)) - s₊), computed without cancellation
+        weight = torch.sigmoid(log_negatives - pos_logits)
+    return (weight * (log_negatives - pos_logits)).mean()
+
+
+def scaled_ce_loss(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Scaled cross-entropy (SCE) of Xu et al. 2024 ("Understanding the Role of Cross-Entropy Loss
+    in Fairly Evaluating Large Language Model-based Recommendation", arXiv 2408.14238).
+
+    Softmax cross-entropy over {positive} ∪ k negatives whose sum is multiplied by α = ``scale``:
+    -s₊ + log(exp(s₊) + α·Σ_j exp(s_j)), i.e. every negative logit is shifted by log α. With
+    uniform negatives over N allowed items this is the logQ-corrected sampled softmax with the
+    constant N/k replaced by α; the paper shows α > 1 tightens the bound sampled softmax gives on
+    full cross-entropy. The authors' runs (github.com/MTandHJ/CE-SCE-LLMRec, SASRec on Beauty)
+    use α = 100 with 500 negatives drawn uniformly from the whole catalog; here they come from the
+    configured sampler, which never draws the positive or (by default) the user's history. No
+    proposal probability is read.
+
+    Args:
+        pos_logits: (P,) float32.
+        neg_logits: (P, k) float32.
+        scale: α > 0.
+    """
+    logits = torch.cat([pos_logits[:, None], neg_logits + math.log(scale)], dim=1)  # (P, 1 + k)
+    return (torch.logsumexp(logits, dim=1) - pos_logits).mean()
+
+
 def gbce_loss(
     pos_logits: torch.Tensor, neg_logits: torch.Tensor, n_items: int, t: float = 0.75
 ) -> torch.Tensor:

@@ -2,8 +2,11 @@
 
 Follows the reference implementation behind the published full-ranking numbers (S3-Rec / ICLRec line):
 item + learned position embeddings, LayerNorm and dropout on the input, post-LayerNorm transformer
-blocks with GELU feed-forward, weights initialised N(0, 0.02). The model only maps tensors to tensors:
-no loss, sampling or device moves live here.
+blocks with GELU feed-forward, weights initialised N(0, 0.02). ``model.layer_norm: pre`` moves each
+block's LayerNorm before its sublayer (x + f(LN(x))) and adds a final LayerNorm after the last
+block, as the original SASRec and most recent transformers do; everything else (input LayerNorm
+and dropout included) stays the same, so the two differ in that one change. The model only maps
+tensors to tensors: no loss, sampling or device moves live here.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ from annsample.config import ModelConfig
 
 
 class _SelfAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+    def __init__(
+        self, hidden_size: int, num_heads: int, dropout: float, pre_norm: bool = False
+    ) -> None:
         super().__init__()
+        self.pre_norm = pre_norm
         self.num_heads = num_heads
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
         self.out = nn.Linear(hidden_size, hidden_size)
@@ -26,25 +32,33 @@ class _SelfAttention(nn.Module):
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.out_dropout(self.out(self._attend(self.norm(x), attn_mask)))
+        return self.norm(x + self.out_dropout(self.out(self._attend(x, attn_mask))))
+
+    def _attend(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """Multi-head causal self-attention of x (B, T, D), before the output projection."""
         B, T, D = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, D // self.num_heads).unbind(dim=2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D/H)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
         )
-        y = y.transpose(1, 2).reshape(B, T, D)
-        return self.norm(x + self.out_dropout(self.out(y)))
+        return y.transpose(1, 2).reshape(B, T, D)
 
 
 class _FeedForward(nn.Module):
-    def __init__(self, hidden_size: int, dropout: float) -> None:
+    def __init__(self, hidden_size: int, dropout: float, pre_norm: bool = False) -> None:
         super().__init__()
+        self.pre_norm = pre_norm
         self.fc1 = nn.Linear(hidden_size, 4 * hidden_size)
         self.fc2 = nn.Linear(4 * hidden_size, hidden_size)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(hidden_size, eps=1e-12)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(self.fc2(F.gelu(self.fc1(self.norm(x)))))
         return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
 
 
@@ -68,15 +82,19 @@ class SASRec(nn.Module):
         self.position_embedding = nn.Embedding(max_len, config.hidden_size)
         self.input_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
         self.input_dropout = nn.Dropout(config.dropout)
+        pre_norm = config.layer_norm == "pre"
         self.blocks = nn.ModuleList(
             nn.ModuleList(
                 [
-                    _SelfAttention(config.hidden_size, config.num_heads, config.dropout),
-                    _FeedForward(config.hidden_size, config.dropout),
+                    _SelfAttention(config.hidden_size, config.num_heads, config.dropout, pre_norm),
+                    _FeedForward(config.hidden_size, config.dropout, pre_norm),
                 ]
             )
             for _ in range(config.num_blocks)
         )
+        # pre-LN leaves the residual stream unnormalised; post-LN has no extra module, so its
+        # weights (and checkpoints) are what they were before layer_norm existed
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=1e-12) if pre_norm else None
         self._init_weights(config.init_std)
 
     def _init_weights(self, std: float) -> None:
@@ -124,6 +142,8 @@ class SASRec(nn.Module):
         attn_mask = keep[:, None]  # (B, 1, T, T), True = may attend
         for attention, feed_forward in self.blocks:
             x = feed_forward(attention(x, attn_mask))
+        if self.final_norm is not None:
+            x = self.final_norm(x)
         return x
 
     def score_all(self, h: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Negative samplers: uniform, popularity, and the model-aware GenNi family (exact, pool, dns, ann).
+"""Negative samplers: uniform, popularity, the model-aware GenNi family (exact, pool, dns, ann), and
+the batch's own positives (in_batch, mixed with uniform, and TRON's top-k of both).
 
 Every sampler draws ``k`` negatives for each of P real positions and returns their ids with the log
 proposal probability log q(j). Samplers take tensors (hidden states, the item table), never an
@@ -34,7 +35,9 @@ class Negatives:
             unbiased estimate of the GenNi partition function Z from the shared tail draw):
             neither the conditional nor the marginal probability, but what keeps
             Σ exp(α·s_j)/q_j unbiased for Z (see :class:`AnnSampler`). ``pool``: conditional on
-            the shared pool; ``dns``: zeros.
+            the shared pool; ``in_batch``: conditional on the batch's positives; ``mixed``: the
+            in-batch / uniform mixture (see :class:`MixedSampler`); ``dns`` and ``tron``: zeros
+            (a top-k choice has no proposal probability).
     """
 
     ids: torch.Tensor
@@ -782,6 +785,335 @@ class AnnSampler:
         return (total / draws).float()
 
 
+class BatchPositives:
+    """The positives of a batch's P real positions as a pool of slots to draw negatives from.
+
+    Slot s holds ``exclusions.positives[s]``; an item appears in as many slots as it is a positive
+    in the batch (c_j times). For position p the allowed slots are those whose item p may draw (not
+    its positive, not in its history); there are A_p = P - Σ_{j excluded for p} c_j of them.
+
+    Args:
+        exclusions: the batch's exclusions; its ``positives`` are the slots.
+    """
+
+    def __init__(self, exclusions: Exclusions) -> None:
+        self.exclusions = exclusions
+        self.slots = exclusions.positives  # (P,)
+        self.sorted = self.slots.sort().values  # (P,) for counting by binary search
+        P = self.slots.shape[0]
+        # slots each history row excludes, then each position's own positive when not in it
+        history_mass = self.counts(exclusions.history).sum(dim=1)  # (R,)
+        own = torch.where(exclusions.positive_in_history, 0, self.counts(self.slots[:, None])[:, 0])
+        self.allowed_slots = P - history_mass[exclusions.row] - own  # (P,) A_p
+
+    def counts(self, ids: torch.Tensor) -> torch.Tensor:
+        """c_j: how many slots hold each of ``ids`` (any shape), int64."""
+        flat = ids.reshape(-1).contiguous()
+        found = torch.searchsorted(self.sorted, flat, right=True)
+        found = found - torch.searchsorted(self.sorted, flat, right=False)
+        return found.view_as(ids)
+
+    def log_q(self, ids: torch.Tensor) -> torch.Tensor:
+        """(P, m) float32 log(c_j / A_p) of allowed ids (P, m): -inf where c_j = 0 or A_p = 0."""
+        counts = self.counts(ids).double()
+        return (counts / self.allowed_slots[:, None].double()).log().float()
+
+    def draw(
+        self,
+        k: int,
+        generator: torch.Generator,
+        max_rounds: int = 16,
+        chunk_elements: int = 1 << 24,
+    ) -> torch.Tensor:
+        """(P, k) items of slots drawn uniformly, with replacement, from each position's allowed
+        slots. Rows with no allowed slot (A_p = 0) are left 0 (the caller fills them).
+
+        Draws uniform slots and redraws the excluded ones; the few draws still excluded after
+        ``max_rounds`` (a position whose history holds most of the batch) are drawn exactly from
+        their row's allowed slots, which is the same conditional distribution.
+        """
+        ex, P = self.exclusions, self.slots.shape[0]
+        device = self.slots.device
+        has_slot = self.allowed_slots > 0
+        full = torch.full((P,), P, dtype=torch.int64, device=device)
+        ids = torch.zeros(P, k, dtype=torch.int64, device=device)
+        todo = has_slot[:, None].expand(P, k).clone()  # draws still to make
+        for _ in range(max_rounds):
+            if not bool(todo.any()):
+                break
+            slots = _uniform_int(full, k, generator)
+            ids = torch.where(todo, self.slots[slots], ids)
+            todo = todo & ex.contains(ids)
+        if bool(todo.any()):
+            rows, cols = todo.nonzero(as_tuple=True)
+            ids[rows, cols] = self._exact(rows, generator, chunk_elements)
+        return ids
+
+    def _exact(
+        self, rows: torch.Tensor, generator: torch.Generator, chunk_elements: int
+    ) -> torch.Tensor:
+        """(len(rows),) one draw each from position rows[i]'s allowed slots, by inverse CDF over
+        a (chunk, P) mask of allowed slots."""
+        ex, P = self.exclusions, self.slots.shape[0]
+        out = torch.empty_like(rows)
+        step = max(1, chunk_elements // max(P, 1))
+        for start in range(0, rows.shape[0], step):
+            r = rows[start : start + step]
+            items = self.slots[None, :].expand(r.shape[0], P)
+            allowed = ~((items == ex.positives[r, None]) | ex._in_history(items, ex.row[r]))
+            cdf = allowed.long().cumsum(dim=1)  # (c, P)
+            rank = _uniform_int(self.allowed_slots[r], 1, generator)  # (c, 1) in [0, A_p)
+            slot = torch.searchsorted(cdf, rank, right=True)[:, 0]
+            out[start : start + step] = self.slots[slot]
+        return out
+
+
+class InBatchSampler:
+    """In-batch negatives: each position draws from the positives of the batch's real positions.
+
+    Each of the k draws picks one of the position's allowed slots uniformly, with replacement
+    (:class:`BatchPositives`), so an item that is the positive of c_j positions of the batch is
+    drawn with probability q(j) = c_j / A_p, A_p the position's allowed slots (P minus the slots
+    holding its own positive or an item of its history). ``log_q`` is that probability exactly,
+    *conditional on the batch*: an item that is not a positive in this batch has q = 0, so a
+    logQ-corrected sampled softmax over in-batch negatives estimates the softmax over the
+    batch's items (corrected for how often each appears), not over the catalog; ``mixed`` adds
+    uniform negatives for that. A position with no allowed slot (a batch of one sequence whose
+    positives all lie in its history) draws uniformly over its allowed items instead, and
+    reports that q = 1 / n_allowed.
+    """
+
+    name = "in_batch"
+    model_aware = False
+    exact_log_q = False  # exact given the batch, but Σ exp(s_j)/q_j misses items not in it
+
+    def __init__(self, max_rounds: int = 16, chunk_elements: int = 1 << 24) -> None:
+        self.max_rounds = max_rounds
+        self.chunk_elements = chunk_elements
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        pool = BatchPositives(exclusions)
+        ids, log_q = _in_batch_draw(pool, k, generator, self.max_rounds, self.chunk_elements)
+        return Negatives(ids, log_q)
+
+    def probabilities(self, queries, item_embeddings, exclusions) -> torch.Tensor:
+        """(P, N+1) exact proposal probabilities given the batch (small catalogs only)."""
+        pool = BatchPositives(exclusions)
+        allowed = ~exclusions.dense_mask()
+        ids = torch.arange(exclusions.n_items + 1, device=allowed.device)
+        counts = pool.counts(ids).double()[None, :] * allowed
+        in_batch = counts / pool.allowed_slots.clamp(min=1).double()[:, None]
+        uniform = allowed.double() / allowed.sum(1, keepdim=True)
+        return torch.where((pool.allowed_slots > 0)[:, None], in_batch, uniform).float()
+
+
+def _in_batch_draw(
+    pool: BatchPositives, k: int, generator: torch.Generator, max_rounds: int, chunk_elements: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, k) in-batch draws and their log q; rows without an allowed slot draw uniformly."""
+    ex = pool.exclusions
+    ids = pool.draw(k, generator, max_rounds, chunk_elements)
+    log_q = pool.log_q(ids)
+    empty = pool.allowed_slots <= 0
+    if bool(empty.any()):
+        uniform = ex.rank_to_item(_uniform_int(ex.n_allowed, k, generator))
+        log_uniform = (-torch.log(ex.n_allowed.float()))[:, None].expand(-1, k)
+        ids = torch.where(empty[:, None], uniform, ids)
+        log_q = torch.where(empty[:, None], log_uniform, log_q)
+    return ids, log_q
+
+
+class MixedSampler:
+    """Mixed negative sampling (Yang et al., WWW 2020, "Mixed Negative Sampling for Learning
+    Two-tower Neural Networks in Recommendations"): of each position's k negatives,
+    ``in_batch_negatives`` = k₁ come from the batch's positives (as :class:`InBatchSampler`) and
+    k₂ = k - k₁ uniformly from the allowed catalog (as :class:`UniformSampler`).
+
+    ``log_q`` of every negative, from either group, is the mixture proposal
+    q(j) = (k₁·c_j/A_p + k₂/n_allowed) / k. The k draws are a stratified sample (k₁ from one
+    proposal, k₂ from the other), and with this q the estimate (1/k)·Σ_i exp(s_i)/q(i) of the
+    partition function is unbiased over the whole allowed catalog (the balance heuristic of
+    multiple importance sampling: E = Σ_j exp(s_j)·(k₁ q_b(j) + k₂ q_u(j))/(k q(j))), so a
+    logQ-corrected sampled softmax with these negatives is unbiased in the same sense as with
+    uniform ones; a slot picked at random among the k is drawn from q. Positions with no allowed
+    slot in the batch draw all k uniformly (q = 1/n_allowed).
+
+    Args:
+        in_batch_negatives: k₁ >= 1; every call's k must exceed it.
+    """
+
+    name = "mixed"
+    model_aware = False
+    exact_log_q = True
+
+    def __init__(
+        self, in_batch_negatives: int, max_rounds: int = 16, chunk_elements: int = 1 << 24
+    ) -> None:
+        if isinstance(in_batch_negatives, bool) or not isinstance(in_batch_negatives, int):
+            raise SamplerError(f"in_batch_negatives must be an int, got {in_batch_negatives!r}")
+        if in_batch_negatives < 1:
+            raise SamplerError(
+                f"mixed needs in_batch_negatives >= 1, got {in_batch_negatives}; use the "
+                "uniform sampler for uniform negatives only"
+            )
+        self.in_batch_negatives = in_batch_negatives
+        self.max_rounds = max_rounds
+        self.chunk_elements = chunk_elements
+
+    def _check_k(self, k: int) -> tuple[int, int]:
+        k1 = self.in_batch_negatives
+        if k <= k1:
+            raise SamplerError(
+                f"mixed draws in_batch_negatives={k1} of its k negatives from the batch and the "
+                f"rest uniformly, so k must exceed {k1}, got k={k}; raise num_negatives or use "
+                "the in_batch sampler"
+            )
+        return k1, k - k1
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        k1, k2 = self._check_k(k)
+        pool = BatchPositives(exclusions)
+        batch_ids, _ = _in_batch_draw(pool, k1, generator, self.max_rounds, self.chunk_elements)
+        uniform_ids = exclusions.rank_to_item(_uniform_int(exclusions.n_allowed, k2, generator))
+        ids = torch.cat([batch_ids, uniform_ids], dim=1)  # (P, k)
+        return Negatives(ids, self._log_q(pool, ids, k1, k2))
+
+    @staticmethod
+    def _log_q(pool: BatchPositives, ids: torch.Tensor, k1: int, k2: int) -> torch.Tensor:
+        """(P, k) log of the mixture proposal (k₁·q_batch + k₂·q_uniform) / k at allowed ids."""
+        n_allowed = pool.exclusions.n_allowed.double()[:, None]
+        has_slot = (pool.allowed_slots > 0)[:, None]
+        q_batch = pool.counts(ids).double() / pool.allowed_slots.clamp(min=1).double()[:, None]
+        q_batch = torch.where(has_slot, q_batch, 1.0 / n_allowed)  # those rows drew uniformly
+        return ((k1 * q_batch + k2 / n_allowed) / (k1 + k2)).log().float()
+
+    def probabilities(self, queries, item_embeddings, exclusions, k: int) -> torch.Tensor:
+        """(P, N+1) the mixture proposal given the batch, for k negatives (small catalogs)."""
+        k1, k2 = self._check_k(k)
+        in_batch = InBatchSampler().probabilities(queries, item_embeddings, exclusions).double()
+        uniform = UniformSampler().probabilities(queries, item_embeddings, exclusions).double()
+        return ((k1 * in_batch + k2 * uniform) / k).float()
+
+
+class TronSampler:
+    """TRON's top-k negatives (Wilm et al., RecSys 2023, "Scaling Session-Based Transformer
+    Recommendations using Optimized Negative Sampling and Loss Functions"; otto-de/TRON).
+
+    Candidates per position: ``in_batch_negatives`` draws from the batch's positives (as
+    :class:`InBatchSampler`, with replacement; TRON draws them without) and ``uniform_candidates``
+    items drawn uniformly from the catalog once per call and shared by the batch (TRON's
+    "batchwise" uniform negatives). Every candidate is scored with the current hidden state and
+    item table, the position's excluded items (positive, history) and repeated candidates are
+    dropped, and the k best-scoring distinct candidates are the negatives. TRON keeps repeats
+    (harmless on its catalogs of about a million items), but 16,384 draws from Beauty's 12,101
+    items hold about 40% of them twice or more, so a top-100 over draws would keep the best
+    items twice or more. A position with fewer than k allowed candidates fills the rest
+    uniformly.
+
+    A top-k selection has no tractable proposal probability: ``log_q`` is 0 and is not one, so
+    the config refuses it with a logQ correction (TRON's loss is a plain sampled softmax).
+
+    Args:
+        in_batch_negatives: in-batch candidates per position (TRON: 127).
+        uniform_candidates: shared uniform candidates per call (TRON: 16,384).
+        chunk_elements: bound on the (positions x candidates) score block.
+    """
+
+    name = "tron"
+    model_aware = True
+    exact_log_q = False
+
+    def __init__(
+        self,
+        in_batch_negatives: int = 127,
+        uniform_candidates: int = 16384,
+        max_rounds: int = 16,
+        chunk_elements: int = 1 << 24,
+    ) -> None:
+        for key, value in (
+            ("in_batch_negatives", in_batch_negatives),
+            ("uniform_candidates", uniform_candidates),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SamplerError(f"tron {key} must be an int >= 0, got {value!r}")
+        if in_batch_negatives + uniform_candidates < 1:
+            raise SamplerError("tron needs at least one candidate (in-batch or uniform)")
+        self.in_batch_negatives = in_batch_negatives
+        self.uniform_candidates = uniform_candidates
+        self.max_rounds = max_rounds
+        self.chunk_elements = chunk_elements
+
+    def candidates(self, exclusions, generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """((P, m) in-batch candidate ids, each row sorted; (U,) the distinct shared uniform
+        candidates, sorted)."""
+        P, device = exclusions.positives.shape[0], exclusions.positives.device
+        batch_ids = torch.empty(P, 0, dtype=torch.int64, device=device)
+        if self.in_batch_negatives:
+            pool = BatchPositives(exclusions)
+            batch_ids, _ = _in_batch_draw(
+                pool, self.in_batch_negatives, generator, self.max_rounds, self.chunk_elements
+            )
+        uniform = torch.randint(
+            1, exclusions.n_items + 1, (self.uniform_candidates,), generator=generator,
+            device=device,
+        )  # fmt: skip
+        return batch_ids.sort(dim=1).values, torch.unique(uniform)  # unique sorts
+
+    def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+        exclusions.check_nonempty()
+        if k > self.in_batch_negatives + self.uniform_candidates:
+            raise SamplerError(
+                f"tron keeps the k={k} best of in_batch_negatives + uniform_candidates = "
+                f"{self.in_batch_negatives} + {self.uniform_candidates} candidates; raise them "
+                "or lower k"
+            )
+        batch_ids, uniform = self.candidates(exclusions, generator)
+        P, U = queries.shape[0], uniform.shape[0]
+        row_blocked = exclusions._in_history(  # (R, U): each history row's excluded candidates
+            uniform[None, :].expand(exclusions.n_rows, U),
+            torch.arange(exclusions.n_rows, device=uniform.device),
+        )
+        # an in-batch candidate that repeats one before it in its row, or a uniform one, is dropped
+        repeat = torch.zeros_like(batch_ids, dtype=torch.bool)
+        repeat[:, 1:] = batch_ids[:, 1:] == batch_ids[:, :-1]
+        if U:
+            found = torch.searchsorted(uniform, batch_ids).clamp_(max=U - 1)
+            repeat |= uniform[found] == batch_ids
+        uniform_vectors = item_embeddings[uniform]  # (U, d)
+        ids = torch.empty(P, k, dtype=torch.int64, device=queries.device)
+        short = torch.zeros(P, k, dtype=torch.bool, device=queries.device)
+        step = max(1, self.chunk_elements // max(U + batch_ids.shape[1], 1))
+        for start in range(0, P, step):
+            stop = min(start + step, P)
+            h = queries[start:stop]  # (c, d)
+            blocked = row_blocked[exclusions.row[start:stop]] | (
+                uniform[None, :] == exclusions.positives[start:stop, None]
+            )
+            scores = torch.cat(
+                [
+                    (h @ uniform_vectors.T).masked_fill(blocked, float("-inf")),  # (c, U)
+                    torch.einsum(
+                        "cd,cmd->cm", h, item_embeddings[batch_ids[start:stop]]
+                    ).masked_fill(repeat[start:stop], float("-inf")),  # (c, m)
+                ],
+                dim=1,
+            )
+            pool = torch.cat([uniform[None, :].expand(stop - start, -1), batch_ids[start:stop]], 1)
+            if pool.shape[1] < k:  # repeats left fewer distinct candidates than k
+                missing = k - pool.shape[1]
+                scores = torch.nn.functional.pad(scores, (0, missing), value=float("-inf"))
+                pool = torch.nn.functional.pad(pool, (0, missing))
+            top = scores.topk(k, dim=1)
+            ids[start:stop] = pool.gather(1, top.indices)
+            short[start:stop] = torch.isinf(top.values)
+        if bool(short.any()):  # fewer than k allowed candidates: fill uniformly
+            fill = exclusions.rank_to_item(_uniform_int(exclusions.n_allowed, k, generator))
+            ids = torch.where(short, fill, ids)
+        return Negatives(ids, torch.zeros(ids.shape, device=ids.device))
+
+
 def make_sampler(
     name: str,
     *,
@@ -795,12 +1127,16 @@ def make_sampler(
     beta: float = 1.0,
     precision: str = "fp32",
     index_source: object = None,
+    in_batch_negatives: int = 127,
+    uniform_candidates: int = 16384,
 ) -> Sampler:
     """The sampler registered as ``name`` (one of :data:`annsample.config.SAMPLER_NAMES`).
 
     ``popularity`` (N+1,) counts serve "popularity"; ``index_source`` (an ItemIndex, or an object
     whose ``current()`` returns one) serves "ann"; ``pool_size`` is M for "pool" and "dns";
-    ``precision`` the matmul precision of "exact_gumbel".
+    ``precision`` the matmul precision of "exact_gumbel"; ``in_batch_negatives`` the in-batch
+    share of "mixed" and the in-batch candidates of "tron", ``uniform_candidates`` tron's
+    shared uniform candidates.
     """
     if name == "uniform":
         return UniformSampler()
@@ -829,6 +1165,12 @@ def make_sampler(
             query=query,
             tail_samples=tail_samples,
         )
+    if name == "in_batch":
+        return InBatchSampler()
+    if name == "mixed":
+        return MixedSampler(in_batch_negatives)
+    if name == "tron":
+        return TronSampler(in_batch_negatives, uniform_candidates)
     raise SamplerError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_NAMES)}")
 
 
@@ -838,7 +1180,10 @@ def build_sampler(
     index_source: object = None,
 ) -> Sampler:
     """The sampler a run config's ``sampler`` section names (see :func:`make_sampler`)."""
-    shared = ("alpha", "candidates", "epsilon", "query", "tail_samples", "pool_size", "beta")
+    shared = (
+        "alpha", "candidates", "epsilon", "query", "tail_samples", "pool_size", "beta",
+        "in_batch_negatives", "uniform_candidates",
+    )  # fmt: skip
     return make_sampler(
         config.name,
         **{key: getattr(config, key) for key in shared},

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -30,7 +31,7 @@ from annsample import distributed, guards
 from annsample import staleness as staleness_mod
 from annsample.api import sample_negatives, sampled_logits, sampled_loss
 from annsample.checkpoint import Progress
-from annsample.config import RunConfig, config_to_dict, dump_config
+from annsample.config import RunConfig, TrainConfig, config_to_dict, dump_config
 from annsample.errors import ConfigError, NumericalError
 from annsample.evaluate import evaluate_model, oracle_results
 from annsample.index import faiss_ivf
@@ -57,6 +58,7 @@ class Training:
     model: SASRec
     optimizers: list[torch.optim.Optimizer]
     generators: dict[str, torch.Generator]  # "sampler", "order"
+    schedulers: list[torch.optim.lr_scheduler.LRScheduler]  # one per optimiser, or none
     sampler: Sampler | None  # None for full_ce
     warmup: Sampler = field(default_factory=UniformSampler)  # serves the first warmup_steps
     refresher: Any = None  # the ann sampler's IndexRefresher (AgreedRefresher under DDP)
@@ -125,7 +127,9 @@ def setup(config: RunConfig, out: Path, overwrite: bool, resume: bool) -> Traini
     checkpoint: dict[str, Any] | None = None
     if resume:
         checkpoint_path, checkpoint, corrupt = resume_point(out)
-        changed = checkpoint_mod.check_config(checkpoint, config_to_dict(config), checkpoint_path)
+        changed = checkpoint_mod.check_config(
+            checkpoint, config_to_dict(config), checkpoint_path, config_to_dict(RunConfig())
+        )
     elif ctx.is_main:
         check_run_dir(out, overwrite)
     if ctx.enabled and tc.max_seconds:
@@ -161,9 +165,11 @@ def setup(config: RunConfig, out: Path, overwrite: bool, resume: bool) -> Traini
         "order": torch.Generator().manual_seed(config.seed + 2),
     }
     distributed.decorrelate(ctx, config.seed, 0, [generators["sampler"]])
+    optimizers = make_optimizers(model, config)
+    total_steps = config.train.epochs * steps_per_epoch(len(prepared.train_users), config.train)
     run = Training(
-        config, out, ctx, device, prepared, model, make_optimizers(model, config), generators,
-        sampler=None, catalog=catalog,
+        config, out, ctx, device, prepared, model, optimizers, generators,
+        make_schedulers(optimizers, config.train, total_steps), sampler=None, catalog=catalog,
     )  # fmt: skip
     try:
         _setup_sampler(run, built=checkpoint is None)
@@ -234,7 +240,7 @@ def _setup_sampler(run: Training, built: bool) -> None:
 def _restore(run: Training, checkpoint: dict[str, Any]) -> None:
     """Weights, optimisers, RNGs, progress and the index from a checkpoint."""
     run.progress = checkpoint_mod.restore_training(
-        checkpoint, run.model, run.optimizers, run.generators
+        checkpoint, run.model, run.optimizers, run.generators, run.schedulers
     )
     distributed.decorrelate(
         run.ctx, run.config.seed, run.progress.step, [run.generators["sampler"]]
@@ -292,6 +298,8 @@ def train_epoch(run: Training, epoch: int, budget: guards.Budget) -> tuple[float
         guards.check_gradients(run.model, step + 1)
         for opt in run.optimizers:
             opt.step()
+        for scheduler in run.schedulers:
+            scheduler.step()
         step += 1
         total_loss += loss_value
         if run.monitor is not None:
@@ -392,6 +400,7 @@ def save_checkpoint(run: Training, order_state: torch.Tensor) -> None:
         "progress": dataclasses.asdict(run.progress),
         "model": run.model.state_dict(),
         "optimizers": [opt.state_dict() for opt in run.optimizers],
+        "schedulers": [scheduler.state_dict() for scheduler in run.schedulers],
         "rng": checkpoint_mod.capture_rng(
             {"sampler": run.generators["sampler"].get_state(), "order": order_state}
         ),
@@ -475,7 +484,14 @@ def step_loss(
     )  # (P,), (P, k)
     log_q = negatives.log_q if config.loss.logq_correction else None
     return sampled_loss(
-        config.loss.name, pos_logits, neg_logits, log_q, n_items=n_items, gbce_t=config.loss.gbce_t
+        config.loss.name,
+        pos_logits,
+        neg_logits,
+        log_q,
+        n_items=n_items,
+        gbce_t=config.loss.gbce_t,
+        sce_scale=config.loss.sce_scale,
+        corrected_logq=config.loss.corrected_logq,
     )
 
 
@@ -489,6 +505,67 @@ def make_optimizers(model: SASRec, config: RunConfig) -> list[torch.optim.Optimi
             torch.optim.Adam(dense, lr=lr, weight_decay=wd),
         ]
     return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)]
+
+
+def steps_per_epoch(n_rows: int, tc: TrainConfig) -> int:
+    """Optimiser steps in one epoch over ``n_rows`` training sequences: ceil(n_rows / batch_size)
+    (what :func:`make_batches` gives, bucketed or not), capped by ``max_steps_per_epoch``.
+
+    Under torchrun an epoch drops its batch with fewer rows than ranks, if any (one at most), so
+    it can run one step fewer than this.
+    """
+    steps = -(-n_rows // tc.batch_size)
+    return min(steps, tc.max_steps_per_epoch) if tc.max_steps_per_epoch else steps
+
+
+def lr_factor(step: int, tc: TrainConfig, total_steps: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based) as a fraction of ``train.lr``.
+
+    Linear warm-up over the first W = ``lr_warmup_steps`` steps, (step + 1) / W, so the first
+    update already moves; then ``constant`` stays at 1, and ``cosine`` / ``linear`` decay from 1
+    towards 0 over the remaining steps of the run, reaching 0 at step ``total_steps``:
+    with progress p = (step - W) / (total_steps - W), cosine gives (1 + cos(πp)) / 2 and linear
+    1 - p. ``total_steps`` is ``train.epochs`` times :func:`steps_per_epoch`: a run that stops
+    earlier (early stopping, ``train.max_seconds``) ends before the rate reaches 0; the decay is
+    not compressed to fit.
+
+    >>> tc = TrainConfig(lr_warmup_steps=2, lr_schedule="linear")
+    >>> [lr_factor(step, tc, 6) for step in range(6)]
+    [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    """
+    warmup = tc.lr_warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    if tc.lr_schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if tc.lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def make_schedulers(
+    optimizers: list[torch.optim.Optimizer], tc: TrainConfig, total_steps: int
+) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    """A :class:`torch.optim.lr_scheduler.LambdaLR` per optimiser following :func:`lr_factor`,
+    stepped after every optimiser step; none with the defaults (constant, no warm-up), so those
+    runs compute exactly what they did before schedules existed.
+
+    Raises:
+        ConfigError: a decaying schedule whose warm-up covers every step of the run.
+    """
+    if tc.lr_schedule == "constant" and not tc.lr_warmup_steps:
+        return []
+    if tc.lr_schedule != "constant" and tc.lr_warmup_steps >= total_steps:
+        raise ConfigError(
+            f"train.lr_warmup_steps={tc.lr_warmup_steps} covers all {total_steps} steps of the "
+            f"run (train.epochs x steps per epoch), so train.lr_schedule={tc.lr_schedule} never "
+            "decays; lower the warm-up or use train.lr_schedule=constant"
+        )
+    return [
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, tc, total_steps))
+        for opt in optimizers
+    ]
 
 
 def make_batches(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from annsample.config import SAMPLER_NAMES
+from annsample.config import BATCH_SAMPLER_NAMES, SAMPLER_NAMES
 from annsample.errors import AnnsampleError
 
 
@@ -449,8 +449,11 @@ def bench() -> None:
     """Benchmarks (sampler quality and speed, index search and refresh, distributed training)."""
 
 
-# the samplers the benches time (exact stands for exact_gumbel too)
-_MODEL_SAMPLERS = [name for name in SAMPLER_NAMES if name != "exact_gumbel"]
+# the samplers the benches time (exact stands for exact_gumbel too; the in-batch ones draw from a
+# training batch's positives, which the benches' probe queries do not have)
+_MODEL_SAMPLERS = [
+    name for name in SAMPLER_NAMES if name != "exact_gumbel" and name not in BATCH_SAMPLER_NAMES
+]
 
 
 def _samplers_option(help: str):

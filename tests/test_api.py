@@ -24,7 +24,13 @@ from annsample.api import (
     sampled_loss,
 )
 from annsample.errors import ConfigError, SamplerError
-from annsample.losses import bce_loss, gbce_loss, sampled_softmax_loss
+from annsample.losses import (
+    bce_loss,
+    corrected_logq_loss,
+    gbce_loss,
+    sampled_softmax_loss,
+    scaled_ce_loss,
+)
 from annsample.samplers import ExactSampler, Exclusions, UniformSampler
 
 N, D = 120, 8
@@ -167,6 +173,25 @@ def test_loss_helpers_match_the_losses_module_and_check_shapes():
         sampled_logits(torch.randn(6, D), torch.randn(6, D), torch.randn(6, D))
 
 
+def test_loss_helpers_take_the_new_losses_and_refuse_what_they_cannot_compute():
+    g = torch.Generator().manual_seed(0)
+    pos, neg, log_q = torch.randn(6, generator=g), torch.randn(6, 3, generator=g), -torch.rand(6, 3)
+    assert torch.equal(
+        sampled_loss("scaled_ce", pos, neg, sce_scale=500.0), scaled_ce_loss(pos, neg, 500.0)
+    )
+    assert torch.equal(sampled_loss("scaled_ce", pos, neg), scaled_ce_loss(pos, neg, 100.0))
+    assert torch.equal(
+        sampled_loss("sampled_softmax", pos, neg, log_q, corrected_logq=True),
+        corrected_logq_loss(pos, neg, log_q),
+    )
+    with pytest.raises(SamplerError, match="corrected_logq=True needs log_q"):
+        sampled_loss("sampled_softmax", pos, neg, corrected_logq=True)
+    with pytest.raises(SamplerError, match="loss 'bce' has none"):
+        sampled_loss("bce", pos, neg, log_q, corrected_logq=True)
+    with pytest.raises(SamplerError, match="scaled_ce needs sce_scale > 0"):
+        sampled_loss("scaled_ce", pos, neg, sce_scale=0.0)
+
+
 # --------------------------------------------------------------------------- histories
 
 
@@ -200,10 +225,13 @@ def test_unsorted_repeated_histories_draw_what_sorted_ones_draw():
         assert torch.equal(draws[0].ids, other.ids) and torch.equal(draws[0].log_q, other.log_q)
 
 
-@pytest.mark.parametrize("name", ["ann", "uniform", "exact", "pool", "dns"])
+@pytest.mark.parametrize(
+    "name", ["ann", "uniform", "exact", "pool", "dns", "in_batch", "mixed", "tron"]
+)
 def test_excluded_items_are_never_drawn(name):
     hidden, positives, histories = batch()
-    with small_sampler(sampler=name, pool_size=40) as sampler:
+    batch_sizes = {"in_batch_negatives": 10, "uniform_candidates": 200}
+    with small_sampler(sampler=name, pool_size=40, **batch_sizes) as sampler:
         out = sampler.sample(hidden, positives, histories, k=30)
     mask = positives > 0
     assert tuple(out.ids.shape) == (int(mask.sum()), 30) and torch.equal(out.mask, mask)
@@ -403,3 +431,16 @@ def test_state_from_another_sampler_is_refused():
         pytest.raises(SamplerError, match="build the NegativeSampler with the settings"),
     ):
         other.load_state_dict(state)
+
+
+def test_in_batch_samplers_draw_from_the_batch_positives_through_the_api():
+    hidden, positives, histories = batch()
+    real = set(positives[positives > 0].tolist())
+    with small_sampler(sampler="in_batch") as sampler:
+        out = sampler.sample(hidden, positives, histories, k=50)
+    assert set(out.ids.flatten().tolist()) <= real
+    with small_sampler(sampler="mixed", in_batch_negatives=20) as sampler:
+        out = sampler.sample(hidden, positives, histories, k=50)
+        assert set(out.ids[:, :20].flatten().tolist()) <= real
+        with pytest.raises(SamplerError, match="k must exceed 20"):
+            sampler.sample(hidden, positives, histories, k=20)

@@ -279,6 +279,54 @@ def test_harmless_settings_may_change_on_resume(tmp_path):
     ]
 
 
+NEW_KEYS = (
+    ("model", "layer_norm"),
+    ("sampler", "in_batch_negatives"),
+    ("sampler", "uniform_candidates"),
+    ("loss", "corrected_logq"),
+    ("loss", "sce_scale"),
+    ("train", "lr_warmup_steps"),
+    ("train", "lr_schedule"),
+)
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default(tmp_path):
+    old = config_to_dict(RunConfig())
+    for section, key in NEW_KEYS:  # a checkpoint written before these settings existed
+        del old[section][key]
+    payload = {"config": old}
+    defaults = config_to_dict(RunConfig())
+    assert (
+        ckpt.check_config(payload, config_to_dict(RunConfig()), tmp_path / "x.pt", defaults) == []
+    )
+    scheduled = config_to_dict(RunConfig())
+    scheduled["train"]["lr_schedule"] = "cosine"
+    with pytest.raises(
+        CheckpointError,
+        match=r"written with train\.lr_schedule='constant' but the config now has "
+        r"train\.lr_schedule='cosine'",
+    ):
+        ckpt.check_config(payload, scheduled, tmp_path / "x.pt", defaults)
+    # without the defaults, a missing key is a difference (what check_config did before)
+    with pytest.raises(CheckpointError, match="<unset>"):
+        ckpt.check_config(payload, config_to_dict(RunConfig()), tmp_path / "x.pt")
+
+
+def test_a_checkpoint_without_schedulers_restores_a_run_without_one():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    payload = {
+        "model": model.state_dict(),
+        "optimizers": [optimizer.state_dict()],
+        "rng": ckpt.capture_rng({}),
+        "progress": {"step": 3},
+    }  # no "schedulers": written before they were saved
+    assert ckpt.restore_training(payload, model, [optimizer], {}).step == 3
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        ckpt.restore_training(payload, model, [optimizer], {}, [scheduler])
+
+
 def test_another_catalog_is_refused(tmp_path):
     split = leave_one_out(read_sequences(REPO / "data" / "tiny.txt"))
     saved = {"catalog": ckpt.catalog_summary(split)}

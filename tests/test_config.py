@@ -160,11 +160,17 @@ def test_choices_are_validated(tmp_path, key):
         load_config(path)
 
 
+# choices that need a companion setting to be a valid config on their own
+COMPANIONS = {("sampler.name", "mixed"): {"num_negatives": 256}}
+
+
 @pytest.mark.parametrize("key", sorted(CHOICES))
 def test_every_choice_is_accepted(key):
     for choice in CHOICES[key]:
         # choices alone: whether the chosen sampler reads the key is check_ignored's business
-        config = config_from_dict(nested(key, choice), check_ignored=False)
+        raw = nested(key, choice)
+        raw[key.split(".")[0]].update(COMPANIONS.get((key, choice), {}))
+        config = config_from_dict(raw, check_ignored=False)
         node = config
         for part in key.split("."):
             node = getattr(node, part)
@@ -506,6 +512,53 @@ def test_any_text_gives_a_config_or_a_config_error(text):
         ({"loss": {"name": "gbce", "logq_correction": False}}, "loss.logq_correction", "gbce"),
         ({"loss": {"name": "bce", "gbce_t": 0.5}}, "loss.gbce_t", "loss.name=bce"),
         (
+            {"sampler": {"name": "uniform", "in_batch_negatives": 8}},
+            "sampler.in_batch_negatives",
+            "sampler.name=uniform",
+        ),
+        (
+            {"sampler": {"name": "in_batch", "in_batch_negatives": 8}},
+            "sampler.in_batch_negatives",
+            "sampler.name=in_batch",
+        ),
+        (
+            {"sampler": {"name": "mixed", "num_negatives": 256, "uniform_candidates": 8}},
+            "sampler.uniform_candidates",
+            "sampler.name=mixed",
+        ),
+        (
+            {"sampler": {"name": "in_batch", "warmup_steps": 5}},
+            "sampler.warmup_steps",
+            "sampler.name=in_batch",
+        ),
+        (
+            {"sampler": {"name": "tron", "pool_size": 50}},
+            "sampler.pool_size",
+            "sampler.name=tron",
+        ),
+        ({"loss": {"name": "bce", "corrected_logq": True}}, "loss.corrected_logq", "bce"),
+        (
+            {"loss": {"name": "scaled_ce", "corrected_logq": True}},
+            "loss.corrected_logq",
+            "scaled_ce",
+        ),
+        ({"loss": {"name": "sampled_softmax", "sce_scale": 50}}, "loss.sce_scale", "softmax"),
+        (
+            {"loss": {"name": "scaled_ce", "logq_correction": False}},
+            "loss.logq_correction",
+            "loss.name=scaled_ce",
+        ),
+        (
+            {"loss": {"name": "sampled_softmax", "logq_correction": False, "corrected_logq": True}},
+            "loss.corrected_logq",
+            "loss.logq_correction=false",
+        ),
+        (
+            {"loss": {"name": "full_ce"}, "sampler": {"uniform_candidates": 8}},
+            "sampler.uniform_candidates",
+            "loss.name=full_ce",
+        ),
+        (
             {"loss": {"name": "full_ce"}, "sampler": {"num_negatives": 8}},
             "sampler.num_negatives",
             "loss.name=full_ce",
@@ -531,10 +584,106 @@ def test_sampled_softmax_with_a_conditional_log_q_says_what_to_use_instead(sampl
         config_from_dict(raw, "my.yaml")
 
 
-@pytest.mark.parametrize("sampler", ["uniform", "popularity", "exact", "ann"])
+@pytest.mark.parametrize("sampler", ["uniform", "popularity", "exact", "ann", "in_batch", "mixed"])
 def test_sampled_softmax_with_an_exact_log_q_sampler_loads(sampler):
-    raw = {"sampler": {"name": sampler}, "loss": {"name": "sampled_softmax"}}
+    raw = {"sampler": {"name": sampler, "num_negatives": 256}, "loss": {"name": "sampled_softmax"}}
     assert config_from_dict(raw).loss.name == "sampled_softmax"
+    raw["loss"]["corrected_logq"] = True
+    assert config_from_dict(raw).loss.corrected_logq
+
+
+def test_tron_refuses_a_logq_correction_and_says_why():
+    raw = {"sampler": {"name": "tron", "num_negatives": 100}, "loss": {"name": "sampled_softmax"}}
+    with pytest.raises(
+        ConfigError,
+        match="my.yaml: loss.logq_correction=true .* sampler.name=tron is wrong: .*top-k "
+        "selection has no tractable proposal probability.*Set loss.logq_correction=false",
+    ):
+        config_from_dict(raw, "my.yaml")
+    raw["loss"]["logq_correction"] = False
+    config = config_from_dict(raw, "my.yaml")
+    assert (config.sampler.in_batch_negatives, config.sampler.uniform_candidates) == (127, 16384)
+    # tron with other losses reads no log q at all
+    for loss in ("bce", "scaled_ce", "gbce"):
+        assert config_from_dict({**raw, "loss": {"name": loss}}).loss.name == loss
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (
+            {"sampler": {"name": "mixed", "num_negatives": 8, "in_batch_negatives": 8}},
+            "sampler.name=mixed draws sampler.in_batch_negatives of its sampler.num_negatives "
+            "negatives from the batch and the rest uniformly, so it needs 1 <= in_batch_negatives "
+            "< num_negatives; got 8 of 8",
+        ),
+        (
+            {"sampler": {"name": "mixed", "num_negatives": 8, "in_batch_negatives": 0}},
+            "got 0 of 8",
+        ),
+        (
+            {"sampler": {"name": "tron", "in_batch_negatives": -1}},
+            "sampler.in_batch_negatives must be >= 0, got -1",
+        ),
+        (
+            {"sampler": {"name": "tron", "uniform_candidates": -2}},
+            "sampler.uniform_candidates must be >= 0, got -2",
+        ),
+        (
+            {
+                "sampler": {
+                    "name": "tron",
+                    "num_negatives": 100,
+                    "in_batch_negatives": 10,
+                    "uniform_candidates": 50,
+                }
+            },
+            "sampler.name=tron keeps the sampler.num_negatives=100 best of "
+            "sampler.in_batch_negatives + sampler.uniform_candidates = 10 + 50 candidates",
+        ),
+        ({"loss": {"name": "scaled_ce", "sce_scale": 0.0}}, "loss.sce_scale must be a finite"),
+        ({"loss": {"name": "scaled_ce", "sce_scale": -1.0}}, "loss.sce_scale must be a finite"),
+        ({"loss": {"name": "scaled_ce", "sce_scale": math.inf}}, "loss.sce_scale must be a finite"),
+        ({"train": {"lr_warmup_steps": -1}}, "train.lr_warmup_steps must be >= 0"),
+    ],
+)
+def test_new_settings_with_bad_values_are_one_clear_error(raw, message):
+    with pytest.raises(ConfigError, match="my.yaml: .*" + re.escape(message)):
+        config_from_dict(raw, "my.yaml")
+
+
+def test_recipe_knobs_load_and_default_to_the_old_behaviour():
+    config = config_from_dict(
+        {
+            "model": {"layer_norm": "pre"},
+            "train": {"lr_warmup_steps": 100, "lr_schedule": "cosine"},
+            "loss": {"name": "scaled_ce", "sce_scale": 500},
+        }
+    )
+    assert config.model.layer_norm == "pre" and config.train.lr_schedule == "cosine"
+    assert config.loss.sce_scale == 500.0
+    defaults = RunConfig()
+    assert (defaults.model.layer_norm, defaults.train.lr_schedule) == ("post", "constant")
+    assert (defaults.train.lr_warmup_steps, defaults.loss.corrected_logq) == (0, False)
+
+
+BASELINES = ("uniform-ssm256", "sce", "tron", "mixed-ssm", "ann-ssm-corrected")
+
+
+@pytest.mark.parametrize("baseline", BASELINES)
+def test_baseline_configs_for_beauty_and_sports_differ_only_in_data_and_name(baseline):
+    beauty = config_to_dict(load_config(REPO / "configs" / f"beauty-{baseline}.yaml"))
+    sports = config_to_dict(load_config(REPO / "configs" / f"sports-{baseline}.yaml"))
+    assert (beauty["name"], sports["name"]) == (f"beauty-{baseline}", f"sports-{baseline}")
+    assert (beauty["data"]["path"], sports["data"]["path"]) == (
+        "data/Beauty.txt",
+        "data/Sports_and_Outdoors.txt",
+    )
+    for config in (beauty, sports):
+        del config["name"], config["data"]["path"]
+    assert beauty == sports
+    text = (REPO / "configs" / f"beauty-{baseline}.yaml").read_text(encoding="utf-8")
+    assert text.startswith("# ") and re.search(r"(19|20)\d\d", text.split("name:")[0])  # cites
 
 
 def test_settings_read_by_the_chosen_sampler_load():

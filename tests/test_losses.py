@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from annsample.losses import bce_loss, full_ce_loss, gbce_loss, sampled_softmax_loss
+from annsample.losses import (
+    bce_loss,
+    corrected_logq_loss,
+    full_ce_loss,
+    gbce_loss,
+    sampled_softmax_loss,
+    scaled_ce_loss,
+)
 
 
 def sigmoid(x: float) -> float:
@@ -158,6 +165,108 @@ def test_sampled_softmax_over_every_item_with_uniform_q_is_full_ce():
 def test_sampled_softmax_is_stable_for_large_logits():
     loss = sampled_softmax_loss(torch.tensor([1000.0]), torch.tensor([[999.0, -1000.0]]))
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-4)  # float32 ulp at 1000
+
+
+# --------------------------------------------------------------------------- scaled ce
+
+
+def test_scaled_ce_matches_hand_computed_value():
+    # row 0: log(e^2 + 100·(e^0.5 + e^-3)) - 2; row 1: log(e^-1 + 100·(e^1 + e^0)) + 1
+    row0 = math.log(math.exp(2) + 100 * (math.exp(0.5) + math.exp(-3))) - 2
+    row1 = math.log(math.exp(-1) + 100 * (math.exp(1) + math.exp(0))) + 1
+    assert scaled_ce_loss(POS, NEG, 100.0).item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+
+
+def test_scaled_ce_with_scale_one_is_sampled_softmax_and_with_n_over_k_is_uniform_logq():
+    torch.testing.assert_close(scaled_ce_loss(POS, NEG, 1.0), sampled_softmax_loss(POS, NEG))
+    # uniform negatives over n allowed items: logQ adds log(n / k) to every negative logit
+    n, k = 1000, NEG.shape[1]
+    uniform = torch.full_like(NEG, -math.log(n))
+    torch.testing.assert_close(
+        scaled_ce_loss(POS, NEG, n / k), sampled_softmax_loss(POS, NEG, uniform)
+    )
+
+
+def test_scaled_ce_gradient_matches_closed_form():
+    pos = POS.clone().requires_grad_(True)
+    neg = NEG.clone().requires_grad_(True)
+    scaled_ce_loss(pos, neg, 100.0).backward()
+    logits = torch.cat([POS[:, None], NEG + math.log(100.0)], dim=1)
+    p = torch.softmax(logits, dim=1) / POS.shape[0]  # d loss / d logit = softmax - one-hot
+    torch.testing.assert_close(pos.grad, p[:, 0] - 1 / POS.shape[0])
+    torch.testing.assert_close(neg.grad, p[:, 1:])
+
+
+def test_scaled_ce_grows_with_the_scale():
+    losses = [scaled_ce_loss(POS, NEG, scale).item() for scale in (0.1, 1.0, 10.0, 500.0)]
+    assert losses == sorted(losses)
+
+
+# --------------------------------------------------------------------------- corrected logQ
+
+
+LOG_Q = torch.log(torch.tensor([[0.5, 0.1], [0.2, 0.2]]))
+
+
+def corrected_reference(pos, neg, log_q) -> float:
+    """Khrylchenko et al.: mean over rows of (1 - p̂+)·(-s+ + log Σ_j exp(s_j - log(k q_j)))."""
+    total = 0.0
+    for s_pos, row, row_q in zip(pos.tolist(), neg.tolist(), log_q.tolist(), strict=True):
+        k = len(row)
+        mass = sum(math.exp(s - lq - math.log(k)) for s, lq in zip(row, row_q, strict=True))
+        p_pos = math.exp(s_pos) / (math.exp(s_pos) + mass)
+        total += (1 - p_pos) * (math.log(mass) - s_pos)
+    return total / len(pos)
+
+
+def test_corrected_logq_matches_hand_computed_value():
+    # row 0: mass = e^0.5/(2·0.5) + e^-3/(2·0.1) = 1.6487 + 0.2489 = 1.8976; p̂+ = e^2/(e^2 + 1.8976)
+    mass = math.exp(0.5) / 1.0 + math.exp(-3) / 0.2
+    row0 = (1 - math.exp(2) / (math.exp(2) + mass)) * (math.log(mass) - 2)
+    mass = math.exp(1) / 0.4 + math.exp(0) / 0.4
+    row1 = (1 - math.exp(-1) / (math.exp(-1) + mass)) * (math.log(mass) + 1)
+    loss = corrected_logq_loss(POS, NEG, LOG_Q)
+    assert loss.item() == pytest.approx((row0 + row1) / 2, rel=1e-6)
+    assert loss.item() == pytest.approx(corrected_reference(POS, NEG, LOG_Q), rel=1e-6)
+
+
+def test_corrected_logq_weight_is_not_differentiated():
+    pos = POS.clone().requires_grad_(True)
+    neg = NEG.clone().requires_grad_(True)
+    corrected_logq_loss(pos, neg, LOG_Q).backward()
+    corrected = NEG - LOG_Q - math.log(2)
+    log_mass = corrected.logsumexp(1)
+    weight = torch.sigmoid(log_mass - POS) / POS.shape[0]  # (1 - p̂+) / P, held constant
+    torch.testing.assert_close(pos.grad, -weight)
+    torch.testing.assert_close(neg.grad, weight[:, None] * torch.softmax(corrected, dim=1))
+
+
+def test_corrected_logq_over_every_other_item_has_the_full_softmax_gradient():
+    """With the N - 1 other items as negatives and q uniform over them, the estimate of the
+    partition function without the positive is exact, and so is the gradient: (1 - p+) scales the
+    softmax over the negatives into the full softmax's."""
+    generator = torch.Generator().manual_seed(0)
+    N, d, P = 12, 5, 7
+    h = torch.randn(P, d, generator=generator, dtype=torch.float64)
+    items = torch.randn(N + 1, d, generator=generator, dtype=torch.float64)
+    targets = torch.randint(1, N + 1, (P,), generator=generator)
+    grads = []
+    for corrected in (True, False):
+        h_, items_ = h.clone().requires_grad_(True), items.clone().requires_grad_(True)
+        if corrected:
+            pos, neg = all_other_items(h_, items_, targets)
+            corrected_logq_loss(pos, neg, torch.full_like(neg, -math.log(N - 1))).backward()
+        else:
+            full_ce_loss(h_, items_, targets).backward()
+        grads.append((h_.grad, items_.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_corrected_logq_is_stable_for_large_logits():
+    loss = corrected_logq_loss(
+        torch.tensor([1000.0, -1000.0]), torch.tensor([[-1000.0], [1000.0]]), torch.zeros(2, 1)
+    )
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(1000.0, rel=1e-6)
 
 
 # --------------------------------------------------------------------------- full ce

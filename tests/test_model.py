@@ -189,3 +189,81 @@ def test_count_parameters_counts_every_trainable_weight():
     assert (
         count_parameters(model) == sum(p.numel() for p in model.parameters()) - (N_ITEMS + 1) * 16
     )
+
+
+# --------------------------------------------------------------------------- layer norm placement
+
+PRE = ModelConfig(hidden_size=16, num_blocks=2, num_heads=2, dropout=0.3, layer_norm="pre")
+
+
+def reference_post_ln(model: SASRec, seq: torch.Tensor) -> torch.Tensor:
+    """The post-LN forward as annsample computed it before ``model.layer_norm`` existed (eval)."""
+    B, T = seq.shape
+    positions = torch.arange(model.max_len - T, model.max_len)
+    x = model.input_norm(model.item_embedding(seq) + model.position_embedding(positions)[None])
+    keep = torch.ones(T, T, dtype=torch.bool).tril()[None] & (seq > 0)[:, None, :]
+    mask = (keep | torch.eye(T, dtype=torch.bool)[None])[:, None]
+    for attention, feed_forward in model.blocks:
+        H, D = attention.num_heads, x.shape[-1]
+        q, k, v = attention.qkv(x).view(B, T, 3, H, D // H).unbind(dim=2)
+        y = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+        )
+        x = attention.norm(x + attention.out(y.transpose(1, 2).reshape(B, T, D)))
+        x = feed_forward.norm(x + feed_forward.fc2(torch.nn.functional.gelu(feed_forward.fc1(x))))
+    return x
+
+
+def test_default_post_ln_model_is_bit_identical_to_the_old_one():
+    model = make_model().eval()
+    assert model.final_norm is None
+    with torch.no_grad():
+        assert torch.equal(
+            model.encode(right_aligned(ROWS)), reference_post_ln(model, right_aligned(ROWS))
+        )
+    # the same weights and names as before, so old checkpoints load
+    assert not any("final_norm" in name for name in model.state_dict())
+
+
+def test_pre_ln_adds_only_a_final_layer_norm_and_moves_each_norm_before_its_sublayer():
+    post, pre = make_model(seed=5), make_model(PRE, seed=5)
+    extra = set(pre.state_dict()) - set(post.state_dict())
+    assert extra == {"final_norm.weight", "final_norm.bias"}
+    assert count_parameters(pre) == count_parameters(post) + 2 * PRE.hidden_size
+    pre.load_state_dict(post.state_dict(), strict=False)  # the same weights, placed differently
+    seq = right_aligned(ROWS)
+    with torch.no_grad():
+        h_pre, h_post = pre.eval().encode(seq), post.eval().encode(seq)
+    assert not torch.allclose(h_pre, h_post)
+    # hand-computed pre-LN: x + f(LN(x)) per sublayer, then the final LayerNorm
+    with torch.no_grad():
+        B, T = seq.shape
+        x = pre.input_norm(pre.item_embedding(seq) + pre.position_embedding.weight[None, :T])
+        keep = torch.ones(T, T, dtype=torch.bool).tril()[None] & (seq > 0)[:, None, :]
+        mask = (keep | torch.eye(T, dtype=torch.bool)[None])[:, None]
+        for attention, feed_forward in pre.blocks:
+            x = x + attention.out(attention._attend(attention.norm(x), mask))
+            x = x + feed_forward.fc2(
+                torch.nn.functional.gelu(feed_forward.fc1(feed_forward.norm(x)))
+            )
+        torch.testing.assert_close(h_pre, pre.final_norm(x), rtol=0, atol=1e-6)
+
+
+def test_pre_ln_keeps_causality_padding_invariance_and_trains_the_final_norm():
+    model = make_model(PRE).eval()
+    seq = right_aligned([list(range(1, MAX_LEN + 1))])
+    changed = seq.clone()
+    changed[0, 6:] = torch.arange(20, 20 + MAX_LEN - 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode(seq)[:, :6], model.encode(changed)[:, :6], rtol=0, atol=1e-6
+        )
+        full = model.encode(right_aligned(ROWS))[:, -1]
+        trimmed = model.encode(right_aligned(ROWS)[:, -6:])[:, -1]
+    fits = torch.tensor([len(row) <= 6 for row in ROWS])
+    torch.testing.assert_close(trimmed[fits], full[fits], rtol=0, atol=1e-5)
+    model.train()
+    h = model.encode(right_aligned(ROWS))
+    (h * torch.randn(h.shape)).sum().backward()
+    assert model.final_norm.weight.grad is not None
+    assert torch.count_nonzero(model.final_norm.weight.grad) > 0

@@ -173,6 +173,8 @@ CASES = [
     Case("index-nlist", "`sampler.index.nlist` > items", **train_with("sampler.name=ann", "sampler.index.nlist=5000"), expect="nlist=5000 is larger than the number of items N=3354"),
     Case("ignored-setting", "a setting the sampler ignores", **train_with("sampler.tail_samples=64"), expect="sampler.tail_samples is set but sampler.name=uniform ignores it"),
     Case("ssm-dns", "`sampled_softmax` with `dns`", **train_with("sampler.name=dns", "loss.name=sampled_softmax"), expect="loss.name=sampled_softmax with sampler.name=dns is wrong"),
+    Case("ssm-tron-logq", "`sampled_softmax` with `tron` and the logQ correction", **train_with("sampler.name=tron", "sampler.num_negatives=8", "loss.name=sampled_softmax"), expect="a top-k selection has no tractable proposal probability"),
+    Case("mixed-counts", "`mixed` with no uniform negatives left", **train_with("sampler.name=mixed", "sampler.num_negatives=8", "sampler.in_batch_negatives=8"), expect="needs 1 <= in_batch_negatives < num_negatives; got 8 of 8"),
     Case("index-candidates", "`sampler.candidates` > items", **train_with("sampler.name=ann", "sampler.index.nlist=16", "sampler.index.nprobe=4", "sampler.candidates=5000"), expect="sampler.candidates=5000 is more than the catalog's 3354 items"),
     # --- run folders
     Case("out-file", "`--out` is a file", **train_with(files={"run": b"x"}), expect="exists and is not a folder"),

@@ -60,7 +60,7 @@ def final_state(state: dict) -> dict:
     if index is not None:
         counters = {k: v for k, v in index["counters"].items() if "seconds" not in k}
         index = {**index, "counters": counters}
-    kept = ("model", "optimizers", "rng", "step", "config", "catalog")
+    kept = ("model", "optimizers", "schedulers", "rng", "step", "config", "catalog")
     return {**{key: state[key] for key in kept}, "progress": progress, "index": index}
 
 
@@ -299,6 +299,20 @@ VARIANTS = {
         "sampler.index.drift_threshold=0.02",
         "sampler.index.check_every=3",
         "sampler.index.retrain_every=2",
+    ),
+    # a learning-rate warm-up and cosine decay (the schedulers' state) on a pre-LN model
+    "lr-schedule": (
+        "train.lr_schedule=cosine",
+        "train.lr_warmup_steps=5",
+        "model.layer_norm=pre",
+    ),
+    # in-batch and uniform negatives (the batch's positives) with the corrected logQ
+    "mixed-corrected-logq": (
+        "sampler.name=mixed",
+        "sampler.num_negatives=8",
+        "sampler.in_batch_negatives=4",
+        "loss.name=sampled_softmax",
+        "loss.corrected_logq=true",
     ),
     # the pure-torch IVF's lists and centroids, re-added and retrained across the interruption
     "ann-torch-ivf": (

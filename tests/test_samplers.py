@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,13 +18,18 @@ from conftest import (
 from annsample.errors import SamplerError
 from annsample.samplers import (
     AnnSampler,
+    BatchPositives,
     DNSSampler,
     ExactSampler,
     Exclusions,
+    InBatchSampler,
+    MixedSampler,
     PoolSampler,
     PopularitySampler,
+    TronSampler,
     UniformSampler,
     genni_log_probs,
+    make_sampler,
     sample_from_logits,
 )
 
@@ -236,6 +243,9 @@ SAMPLERS = {
     "exact": lambda: ExactSampler(alpha=1.0),
     "pool": lambda: PoolSampler(alpha=1.0, pool_size=10),
     "dns": lambda: DNSSampler(candidates=80),
+    "in_batch": lambda: InBatchSampler(),
+    "mixed": lambda: MixedSampler(in_batch_negatives=16),
+    "tron": lambda: TronSampler(in_batch_negatives=40, uniform_candidates=60),
 }
 
 
@@ -472,3 +482,175 @@ def test_ann_accepts_default_item_ids_and_refuses_an_index_of_row_numbers(proble
         AnnSampler(wrapped, candidates=N).sample(
             queries, items, exclusions, 1, torch.Generator().manual_seed(0)
         )
+
+
+# --------------------------------------------------------------------------- in-batch negatives
+
+
+def batch_problem() -> tuple[torch.Tensor, torch.Tensor, Exclusions]:
+    """The sampling problem's queries and items, with ten positions of four sequences whose
+    positives repeat (item 5 three times, 11 twice), as a batch's do."""
+    queries, items, _ = sampling_problem()
+    queries = torch.cat([queries, queries[:4] + 0.5])  # (10, d)
+    history = torch.tensor([[2, 5, 7, 31], [1, 3, 4, 9], [31, 31, 31, 31], [11, 20, 31, 31]])
+    row = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2, 3, 3])
+    positives = torch.tensor([5, 11, 9, 12, 3, 5, 6, 5, 11, 20])
+    return queries, items, Exclusions(history, row, positives, N)
+
+
+def test_batch_positives_count_allowed_slots_by_hand():
+    _, _, ex = batch_problem()
+    pool = BatchPositives(ex)
+    assert pool.counts(torch.tensor([5, 11, 20, 1])).tolist() == [3, 2, 1, 0]
+    # position 0 (history 2, 5, 7; positive 5) may not use the three slots of item 5: 7 left;
+    # position 3 (history 1, 3, 4, 9; positive 12) loses 9, 3 and its own 12: 7 left;
+    # position 8 (history 11, 20; positive 11) loses 11 twice and 20: 7 left
+    assert pool.allowed_slots[[0, 3, 8]].tolist() == [7, 7, 7]
+    # position 6 (no history, positive 6) loses only its own slot
+    assert int(pool.allowed_slots[6]) == 9
+    probs = InBatchSampler().probabilities(None, None, ex)
+    assert probs[0, 11].item() == pytest.approx(2 / 7) and probs[0, 5].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    [InBatchSampler(), InBatchSampler(max_rounds=0, chunk_elements=20_000)],
+    ids=["rejection", "exact-rows-in-chunks"],
+)
+def test_in_batch_matches_distribution_and_log_q(sampler):
+    queries, items, ex = batch_problem()
+    out = sampler.sample(queries, items, ex, 20000, torch.Generator().manual_seed(1))
+    probs = sampler.probabilities(queries, items, ex)
+    assert torch.allclose(probs.sum(1), torch.ones(10))
+    assert not bool(ex.contains(out.ids).any())
+    assert set(out.ids.flatten().tolist()) <= set(ex.positives.tolist())
+    assert_draws_follow(out.ids, probs)
+    assert torch.allclose(out.log_q, probs.gather(1, out.ids).log())
+
+
+def test_in_batch_without_an_allowed_slot_draws_uniformly():
+    # one sequence whose positives are all in its history: no slot is allowed for any position
+    ex = Exclusions(torch.tensor([[1, 2, 3]]), torch.tensor([0, 0, 0]), torch.tensor([1, 2, 3]), N)
+    out = InBatchSampler().sample(None, None, ex, 5000, torch.Generator().manual_seed(2))
+    assert not bool(ex.contains(out.ids).any())
+    assert torch.allclose(out.log_q, torch.full((3, 5000), -math.log(N - 3)))
+    assert_draws_follow(out.ids, UniformSampler().probabilities(None, None, ex))
+
+
+def partition_estimates(sampler, queries, items, ex, k, calls):
+    """(calls, P) float64 draws of (1/k)·Σ_j exp(s_j)/q_j, and the scores (P, N+1)."""
+    logits = (queries @ items.T).double()
+    generator = torch.Generator().manual_seed(5)
+    estimates = []
+    for _ in range(calls):
+        out = sampler.sample(queries, items, ex, k, generator)
+        estimates.append((logits.gather(1, out.ids) - out.log_q.double()).exp().mean(1))
+    return torch.stack(estimates), logits
+
+
+def assert_unbiased(estimates: torch.Tensor, expected: torch.Tensor) -> None:
+    error = (estimates.mean(0) - expected).abs() / (estimates.std(0) / len(estimates) ** 0.5)
+    assert float(error.max()) < 4.0, error  # within 4 standard errors at every position
+
+
+def test_in_batch_log_q_is_conditional_on_the_batch():
+    """With in-batch q the partition estimate is unbiased for the batch's allowed items only."""
+    queries, items, ex = batch_problem()
+    estimates, logits = partition_estimates(InBatchSampler(), queries, items, ex, 4, 2000)
+    in_batch = torch.zeros(N + 1, dtype=torch.bool)
+    in_batch[ex.positives] = True
+    allowed = ~ex.dense_mask() & in_batch
+    assert_unbiased(estimates, logits.masked_fill(~allowed, float("-inf")).logsumexp(1).exp())
+
+
+def test_mixed_matches_the_mixture_proposal():
+    queries, items, ex = batch_problem()
+    sampler = MixedSampler(in_batch_negatives=6000)
+    out = sampler.sample(queries, items, ex, 20000, torch.Generator().manual_seed(3))
+    assert not bool(ex.contains(out.ids).any())
+    probs = sampler.probabilities(queries, items, ex, 20000)
+    assert torch.allclose(probs.sum(1), torch.ones(10))
+    # a slot picked at random among the k is drawn from the mixture (the slots are stratified:
+    # 6,000 in-batch and 14,000 uniform, which only lowers the chi-square statistic)
+    assert_draws_follow(out.ids, probs)
+    assert torch.allclose(out.log_q, probs.gather(1, out.ids).log(), atol=1e-6)
+    # the first 6,000 come from the batch's positives
+    assert set(out.ids[:, :6000].flatten().tolist()) <= set(ex.positives.tolist())
+
+
+def test_mixed_log_q_gives_an_unbiased_partition_estimate():
+    """k₁ in-batch plus k₂ uniform draws with the mixture q: Σ exp(s_j)/(k q_j) is unbiased for the
+    whole allowed catalog's partition function (what the logQ-corrected sampled softmax needs)."""
+    queries, items, ex = batch_problem()
+    estimates, logits = partition_estimates(MixedSampler(2), queries, items, ex, 4, 2000)
+    assert_unbiased(
+        estimates, logits.masked_fill(ex.dense_mask(), float("-inf")).logsumexp(1).exp()
+    )
+
+
+def test_mixed_needs_more_negatives_than_its_in_batch_share():
+    queries, items, ex = batch_problem()
+    with pytest.raises(SamplerError, match="k must exceed 4, got k=4"):
+        MixedSampler(4).sample(queries, items, ex, 4, torch.Generator().manual_seed(0))
+    with pytest.raises(SamplerError, match="in_batch_negatives >= 1"):
+        MixedSampler(0)
+
+
+def test_tron_keeps_the_best_scoring_allowed_items():
+    queries, items, ex = batch_problem()
+    # 3,000 uniform draws from 30 items miss one with probability 30·(29/30)^3000 ≈ 1e-43
+    sampler = TronSampler(in_batch_negatives=8, uniform_candidates=3000)
+    out = sampler.sample(queries, items, ex, 5, torch.Generator().manual_seed(4))
+    scores = (queries @ items.T).masked_fill(ex.dense_mask(), float("-inf"))
+    best = scores.topk(5, dim=1).indices
+    assert torch.equal(out.ids.sort(1).values, best.sort(1).values)
+    assert torch.equal(out.log_q, torch.zeros(10, 5))  # a top-k choice has no proposal q
+
+
+def test_tron_with_in_batch_candidates_only_picks_among_the_batch():
+    queries, items, ex = batch_problem()
+    sampler = TronSampler(in_batch_negatives=50, uniform_candidates=0)
+    out = sampler.sample(queries, items, ex, 2, torch.Generator().manual_seed(5))
+    candidates, _ = sampler.candidates(ex, torch.Generator().manual_seed(5))  # the same draw
+    for p in range(10):
+        row = sorted(set(candidates[p].tolist()), key=lambda j: -float(queries[p] @ items[j]))
+        assert out.ids[p].tolist() == row[:2], p
+
+
+def test_tron_drops_repeats_and_fills_short_rows_uniformly():
+    queries, items, ex = batch_problem()
+    out = TronSampler(in_batch_negatives=30, uniform_candidates=400).sample(
+        queries, items, ex, 12, torch.Generator().manual_seed(6)
+    )
+    assert all(len(set(row)) == 12 for row in out.ids.tolist())  # distinct candidates
+    # 3 distinct in-batch items at most and 2 uniform draws: fewer than k = 8 candidates
+    short = TronSampler(in_batch_negatives=3, uniform_candidates=5).sample(
+        queries, items, ex, 8, torch.Generator().manual_seed(7)
+    )
+    assert not bool(ex.contains(short.ids).any())
+    # 40 uniform draws from 30 items hold fewer than 35 distinct ones: the rest are uniform fills
+    padded = TronSampler(in_batch_negatives=0, uniform_candidates=40).sample(
+        queries, items, ex, 35, torch.Generator().manual_seed(9)
+    )
+    assert padded.ids.shape == (10, 35) and not bool(ex.contains(padded.ids).any())
+    with pytest.raises(SamplerError, match="k=9 best of in_batch_negatives"):
+        TronSampler(3, 5).sample(queries, items, ex, 9, torch.Generator().manual_seed(7))
+
+
+def test_tron_position_chunks_do_not_change_the_draw():
+    queries, items, ex = batch_problem()
+    draws = [
+        TronSampler(10, 100, chunk_elements=chunk).sample(
+            queries, items, ex, 6, torch.Generator().manual_seed(8)
+        )
+        for chunk in (1, 333, 1 << 24)
+    ]
+    assert all(torch.equal(draws[0].ids, d.ids) for d in draws[1:])
+
+
+@pytest.mark.parametrize("name", ["in_batch", "mixed", "tron"])
+def test_make_sampler_builds_the_in_batch_samplers(name):
+    sampler = make_sampler(name, in_batch_negatives=3, uniform_candidates=7)
+    assert sampler.name == name
+    if name != "in_batch":
+        assert sampler.in_batch_negatives == 3

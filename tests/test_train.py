@@ -4,15 +4,17 @@ stops training before the update (the CLI's side of numerical faults: test_relia
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
-from conftest import REPO, TINY
+from conftest import REPO, TINY, metrics_records
 
 from annsample import checkpoint as ckpt
 from annsample import staleness
 from annsample import train as train_mod
-from annsample.config import load_config
-from annsample.errors import NumericalError
+from annsample.config import TrainConfig, load_config
+from annsample.errors import ConfigError, NumericalError
 from annsample.model import SASRec
 from annsample.samplers import UniformSampler
 
@@ -38,9 +40,19 @@ def test_batches_visit_every_row_once_per_epoch(bucket_by_length):
         assert rows.tolist() != list(range(1000))  # shuffled
 
 
-@pytest.mark.parametrize("loss", ["bce", "sampled_softmax", "gbce", "full_ce"])
+STEP_LOSSES = {
+    "bce": ("loss.name=bce",),
+    "sampled_softmax": ("loss.name=sampled_softmax",),
+    "gbce": ("loss.name=gbce",),
+    "full_ce": ("loss.name=full_ce",),
+    "scaled_ce": ("loss.name=scaled_ce", "sampler.num_negatives=20"),
+    "corrected_logq": ("loss.name=sampled_softmax", "loss.corrected_logq=true"),
+}
+
+
+@pytest.mark.parametrize("loss", STEP_LOSSES)
 def test_step_loss_is_finite_with_gradients_on_the_item_table(loss):
-    config = load_config(REPO / TINY, (f"loss.name={loss}",))
+    config = load_config(REPO / TINY, STEP_LOSSES[loss])
     n_items = 50
     model = SASRec(n_items, config.data.max_len, config.model)
     g = torch.Generator().manual_seed(0)
@@ -52,7 +64,8 @@ def test_step_loss_is_finite_with_gradients_on_the_item_table(loss):
     sampler = None if loss == "full_ce" else UniformSampler()
     histories = seq.clone()
     value = train_mod.step_loss(model, seq, tgt, config, sampler, histories, n_items, 0, g)
-    assert value.dim() == 0 and torch.isfinite(value) and value > 0
+    assert value.dim() == 0 and torch.isfinite(value)
+    assert value > 0 or loss == "corrected_logq"  # no positive in its denominator: may be < 0
     value.backward()
     grad = model.item_embedding.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad[1:].abs().sum() > 0
@@ -136,3 +149,134 @@ def test_warmup_steps_draw_from_the_warmup_sampler_then_the_configured_one(tmp_p
         (0, "PopularitySampler"), (1, "PopularitySampler"), (2, "PopularitySampler"),
         (3, "ExactSampler"), (4, "ExactSampler"),
     ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- recipe knobs
+
+# train/loss of the first steps of configs/tiny.yaml, recorded before the learning-rate schedule,
+# layer-norm placement and the new losses existed (commit 1d65aec); the defaults must reproduce
+# them (to float32 rounding: another CPU's kernels may round differently; any real change of
+# behaviour moves them by far more)
+BEFORE = {
+    (): [1.3868815898895264, 1.3934814929962158, 1.387401819229126, 1.3874199390411377],
+    ("loss.name=sampled_softmax", "sampler.num_negatives=8"): [
+        8.120235443115234, 8.116147994995117, 8.11029052734375, 8.12192440032959,
+    ],
+}  # fmt: skip
+SHORT = (
+    "train.epochs=1",
+    "train.max_steps_per_epoch=4",
+    "train.log_every=1",
+    "train.num_threads=1",
+)
+
+
+def step_losses(out) -> list[float]:
+    return [r["train/loss"] for r in metrics_records(out) if "train/loss" in r]
+
+
+@pytest.mark.parametrize("extra", BEFORE, ids=["bce", "sampled_softmax"])
+def test_defaults_reproduce_the_losses_from_before_the_recipe_knobs(tmp_path, monkeypatch, extra):
+    monkeypatch.chdir(REPO)
+    train_mod.train(load_config(TINY, (*SHORT, *extra)), tmp_path / "run")
+    default = step_losses(tmp_path / "run")
+    assert default == pytest.approx(BEFORE[extra], rel=1e-5)
+    explicit = ("model.layer_norm=post", "train.lr_schedule=constant", "train.lr_warmup_steps=0")
+    train_mod.train(load_config(TINY, (*SHORT, *extra, *explicit)), tmp_path / "explicit")
+    assert step_losses(tmp_path / "explicit") == default  # the same machine: bit-identical
+
+
+def test_steps_per_epoch_counts_the_batches_make_batches_gives():
+    lengths = torch.randint(1, 21, (1000,), generator=torch.Generator().manual_seed(0))
+    for bucket in (False, True):
+        batches = train_mod.make_batches(lengths, 64, bucket, torch.Generator().manual_seed(1))
+        tc = TrainConfig(batch_size=64, bucket_by_length=bucket)
+        assert train_mod.steps_per_epoch(1000, tc) == len(batches) == 16
+    assert train_mod.steps_per_epoch(1000, TrainConfig(batch_size=64, max_steps_per_epoch=5)) == 5
+
+
+@pytest.mark.parametrize(
+    ("schedule", "warmup", "expected"),
+    [
+        ("constant", 0, [1.0] * 6),
+        ("constant", 3, [1 / 3, 2 / 3, 1.0, 1.0, 1.0, 1.0]),
+        ("linear", 0, [1.0, 5 / 6, 4 / 6, 3 / 6, 2 / 6, 1 / 6]),
+        ("linear", 2, [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]),
+        ("cosine", 2, [0.5, 1.0, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5, 0.14644660940672627]),
+    ],
+)
+def test_lr_factor_warms_up_linearly_then_decays_to_zero_at_the_last_step(
+    schedule, warmup, expected
+):
+    tc = TrainConfig(lr_schedule=schedule, lr_warmup_steps=warmup)
+    got = [train_mod.lr_factor(step, tc, 6) for step in range(6)]
+    assert got == pytest.approx(expected, abs=1e-12)
+    if schedule != "constant":
+        assert train_mod.lr_factor(6, tc, 6) == pytest.approx(0.0, abs=1e-12)  # past the run
+        assert train_mod.lr_factor(50, tc, 6) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_schedulers_set_every_optimisers_rate_and_none_exist_by_default():
+    config = load_config(REPO / TINY, ("model.sparse_embeddings=true",))
+    model = SASRec(50, config.data.max_len, config.model)
+    optimisers = train_mod.make_optimizers(model, config)
+    assert train_mod.make_schedulers(optimisers, config.train, 10) == []
+    tc = TrainConfig(lr_schedule="cosine", lr_warmup_steps=2)
+    schedulers = train_mod.make_schedulers(optimisers, tc, 10)
+    assert len(schedulers) == 2  # SparseAdam and Adam
+    for step in range(10):
+        for optimiser in optimisers:
+            lr = optimiser.param_groups[0]["lr"]
+            assert lr == pytest.approx(config.train.lr * train_mod.lr_factor(step, tc, 10))
+            optimiser.step()
+        for scheduler in schedulers:
+            scheduler.step()
+    with pytest.raises(ConfigError, match="train.lr_warmup_steps=10 covers all 10 steps"):
+        train_mod.make_schedulers(
+            optimisers, TrainConfig(lr_warmup_steps=10, lr_schedule="linear"), 10
+        )
+
+
+def test_a_scheduled_run_checkpoints_its_scheduler_and_ends_at_rate_zero(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    saved = []
+    original = ckpt.save_checkpoint
+    monkeypatch.setattr(
+        ckpt,
+        "save_checkpoint",
+        lambda out, state, keep: saved.append(state) or original(out, state, keep),
+    )
+    settings = (*SHORT, "train.lr_schedule=linear", "train.lr_warmup_steps=1", "train.lr=0.004")
+    train_mod.train(load_config(TINY, settings), tmp_path / "run")
+    state = saved[-1]  # the epoch end: 4 of the run's 4 steps done
+    assert state["schedulers"][0]["last_epoch"] == 4
+    assert state["optimizers"][0]["param_groups"][0]["lr"] == pytest.approx(0.0)
+    assert state["optimizers"][0]["param_groups"][0]["initial_lr"] == 0.004
+
+
+# the new baselines on the tiny catalog, as one short run each (data, size and speed overridden)
+BASELINE_CONFIGS = [
+    f"configs/{dataset}-{name}.yaml"
+    for dataset in ("beauty", "sports")
+    for name in ("uniform-ssm256", "sce", "tron", "mixed-ssm", "ann-ssm-corrected")
+]
+TINY_RUN = (
+    f"data.path={REPO / 'data' / 'tiny.txt'}", "data.max_len=20", "model.hidden_size=16",
+    "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=32", "train.num_threads=1",
+    "train.show_progress=false", "train.log_every=1",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("path", BASELINE_CONFIGS)
+def test_every_baseline_config_trains_through_the_trainer(tmp_path, monkeypatch, path):
+    monkeypatch.chdir(REPO)
+    extra = ()
+    if "tron" in path:
+        extra = ("sampler.uniform_candidates=2000",)  # the catalog holds 3,354 items
+    if "ann" in path:
+        extra = ("sampler.index.nlist=16", "sampler.index.nprobe=4")  # tiny: 39 points a list
+    config = load_config(path, (*TINY_RUN, *extra))
+    results = train_mod.train(config, tmp_path / "run")
+    assert results["steps"] == 2 and results["name"] == config.name
+    losses = step_losses(tmp_path / "run")
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)

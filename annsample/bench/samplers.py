@@ -34,7 +34,8 @@ from annsample.staleness import allowed_percentiles
 logger = logging.getLogger(__name__)
 
 # the samplers this bench runs by default, in table order (every config.SAMPLER_NAMES but
-# exact_gumbel, which exact stands for)
+# exact_gumbel, which exact stands for, and the in-batch ones, config.BATCH_SAMPLER_NAMES, which
+# need a training batch's positives)
 BENCH_SAMPLERS = ("uniform", "popularity", "dns", "pool", "exact", "ann")
 
 
