@@ -7,7 +7,7 @@ runs (other than the seed) are the ablation's axes; the refresh schedule is alwa
 ``refresh_interval`` column (``1``, ``100``, ``epoch``, ``adaptive``, ``never``; ``-`` where no
 index is used). Outputs: ``results.csv`` and ``results.json`` (one row per run), ``summary.md``
 (mean ± std over seeds), and the PNG plots ``quality.png``, ``wall_time.png``, ``staleness.png``
-and ``training.png`` (training loss and validation NDCG@10 over steps, where a refresh that
+and ``training.png`` (each epoch's mean training loss and validation NDCG@10 over steps, where a refresh that
 unsettles training, as ANCE-style work reports, would show).
 """
 
@@ -45,7 +45,7 @@ SERIES = {  # run series read from metrics.jsonl: name -> key
     "recall": "index/recall@k",
     "drift": "index/drift",
     "tv": "sampler/tv_to_exact",
-    "loss": "train/loss",
+    "loss": "train/epoch_loss",
     "valid": "eval/valid/ndcg@10",
 }
 
@@ -366,7 +366,7 @@ def plot_report(rows: list[dict[str, Any]], columns: list[str], out: Path) -> No
         out / "training.png",
         groups,
         columns,
-        [("loss", "training loss (logged steps)"), ("valid", "validation NDCG@10")],
+        [("loss", "training loss (epoch mean)"), ("valid", "validation NDCG@10")],
         "training over steps (mean over seeds)",
         "no training records",
     )

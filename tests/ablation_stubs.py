@@ -29,7 +29,7 @@ def stub_runner(config: RunConfig, run_dir: Path, resume: bool, overwrite: bool)
         for s in (10, 20)
     ]
     records += [{"step": 20, "train/epoch_seconds": 1.5}, {"step": 40, "train/epoch_seconds": 2.5}]
-    records += [{"step": s, "train/loss": 1.0 - s / 100} for s in (20, 40)]
+    records += [{"step": s, "train/epoch_loss": 1.0 - s / 100} for s in (20, 40)]
     records += [{"step": s, "eval/valid/ndcg@10": ndcg * s / 40} for s in (20, 40)]
     records.append({"step": 40, "index/refresh_count": 4, "index/total_wait_seconds": 0.5})
     lines = "".join(json.dumps(r) + "\n" for r in records)
