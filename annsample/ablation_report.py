@@ -7,8 +7,8 @@ runs (other than the seed) are the ablation's axes; the refresh schedule is alwa
 ``refresh_interval`` column (``1``, ``100``, ``epoch``, ``adaptive``, ``never``; ``-`` where no
 index is used). Outputs: ``results.csv`` and ``results.json`` (one row per run), ``summary.md``
 (mean ± std over seeds), and the PNG plots ``quality.png``, ``wall_time.png``, ``staleness.png``
-and ``training.png`` (each epoch's mean training loss and validation NDCG@10 over steps, where a refresh that
-unsettles training, as ANCE-style work reports, would show).
+and ``training.png`` (each epoch's mean training loss and validation NDCG@10 over steps, where a
+refresh that unsettles training, as ANCE-style work reports, would show).
 """
 
 from __future__ import annotations
