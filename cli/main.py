@@ -220,12 +220,20 @@ def evaluate(run_dir: Path, stage: str, json_path: Path | None) -> None:
 @main.command()
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--stage", type=click.Choice(["valid", "test"]), default="test", show_default=True)
+@click.option(
+    "--time-to",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    metavar="NDCG",
+    help="Add a column: training seconds (median over seeds, validations excluded) until "
+    "validation NDCG@10 first reached NDCG, e.g. --time-to 0.05.",
+)
 @_user_errors
-def report(run_dirs: tuple[Path, ...], stage: str) -> None:
+def report(run_dirs: tuple[Path, ...], stage: str, time_to: float | None) -> None:
     """Markdown table of finished runs (runs with the same name are averaged over seeds)."""
     from annsample.report import results_table
 
-    click.echo(results_table(list(run_dirs), stage), nl=False)
+    click.echo(results_table(list(run_dirs), stage, time_to), nl=False)
 
 
 @main.command()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from annsample.errors import RunError
-from annsample.report import COLUMNS, read_results, results_table
+from annsample.report import COLUMNS, read_results, results_table, seconds_to_reach
 
 
 def write_run(folder, name, ndcg10, seconds=2.0, epochs=(3, 2)):
@@ -55,3 +55,32 @@ def test_what_is_not_a_finished_run_is_a_run_error(tmp_path, content, message):
         (tmp_path / "results.json").write_text(content, encoding="utf-8")
     with pytest.raises(RunError, match=message):
         read_results(tmp_path)
+
+
+def write_curve(folder, curve):
+    """metrics.jsonl with one (epoch seconds, validation NDCG@10) pair per epoch."""
+    lines = [{"step": 0, "train/loss": 1.0}]  # records without either key are passed over
+    for epoch, (seconds, ndcg) in enumerate(curve, start=1):
+        lines.append({"step": epoch, "train/epoch_seconds": seconds, "train/epoch": epoch})
+        lines.append({"step": epoch, "eval/valid/ndcg@10": ndcg})
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    (folder / "metrics.jsonl").write_text(text, encoding="utf-8")
+
+
+def test_time_to_quality_sums_training_seconds_until_validation_first_reaches_it(tmp_path):
+    fast = write_run(tmp_path / "f0", "fast", 0.06)
+    write_curve(fast, [(10.0, 0.03), (12.0, 0.05), (11.0, 0.04)])
+    assert seconds_to_reach(fast, 0.05) == 22.0  # first reached at epoch 2, not re-counted later
+    assert seconds_to_reach(fast, 0.03) == 10.0
+    assert seconds_to_reach(fast, 0.051) is None
+    slow = [write_run(tmp_path / f"s{i}", "slow", 0.05) for i in range(3)]
+    write_curve(slow[0], [(30.0, 0.05)])
+    write_curve(slow[1], [(30.0, 0.01), (40.0, 0.06)])
+    write_curve(slow[2], [(30.0, 0.01)])
+    lines = results_table([fast, *slow], time_to=0.05).splitlines()
+    assert lines[0].endswith("| train s to valid NDCG@10 ≥ 0.05 |")
+    assert lines[2].endswith("| 22 |")
+    assert lines[3].endswith("| 50 (2 of 3) |")  # median of the seeds that reached it
+    assert results_table([slow[2]], time_to=0.05).splitlines()[2].endswith("| not reached |")
+    with pytest.raises(RunError, match="no metrics.jsonl"):
+        seconds_to_reach(write_run(tmp_path / "bare", "bare", 0.1), 0.05)
