@@ -51,6 +51,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         "sampler": sampler,
         "loss": loss,
         "catalog_size": config["data"]["synthetic_items"],
+        "catalog": catalog_name(config["data"]),
         "steps": results["steps"],
         "train_seconds": sum(epoch_seconds),
         "test": results["test"],
@@ -58,6 +59,13 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         "fraction": results.get("fraction_of_oracle"),
         "curve": curve,
     }
+
+
+def catalog_name(data: dict) -> str:
+    """ "100,000 items" for a synthetic catalog, else the dataset file's stem (e.g. "Beauty")."""
+    if data["path"] == "synthetic":
+        return f"{data['synthetic_items']:,} items"
+    return Path(data["path"]).stem
 
 
 def sampler_label(config: dict) -> str:
@@ -82,10 +90,13 @@ def quality_table(runs: list[dict[str, Any]]) -> str:
     ]
     for r in runs:
         fraction = r["fraction"] or {}
+        of_oracle = (
+            f"{fraction['ndcg@10']:.2f} / {fraction['hr@10']:.2f}" if fraction else "– (no oracle)"
+        )
+        catalog = f"{r['catalog_size']:,}" if r["catalog_size"] else r["catalog"]
         lines.append(
-            f"| {r['catalog_size']:,} | {r['label']} | {r['test']['ndcg@10']:.4f} "
-            f"| {r['test']['hr@10']:.4f} | {fraction.get('ndcg@10', float('nan')):.2f} / "
-            f"{fraction.get('hr@10', float('nan')):.2f} | {r['steps']} | {r['train_seconds']:.0f} |"
+            f"| {catalog} | {r['label']} | {r['test']['ndcg@10']:.4f} "
+            f"| {r['test']['hr@10']:.4f} | {of_oracle} | {r['steps']} | {r['train_seconds']:.0f} |"
         )
     oracles = {r["catalog_size"]: r["oracle"] for r in runs if r["oracle"]}
     for size, oracle in sorted(oracles.items()):
@@ -97,19 +108,20 @@ def quality_table(runs: list[dict[str, Any]]) -> str:
 
 
 def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
-    """Validation NDCG@10 against training seconds, one line per run, one panel per catalog."""
+    """Validation NDCG@10 against training seconds, one line per run, one panel per catalog
+    (a synthetic size or a dataset)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes = sorted({r["catalog_size"] for r in runs})
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4), squeeze=False)
-    for ax, size in zip(axes[0], sizes, strict=True):
-        for r in (r for r in runs if r["catalog_size"] == size):
+    catalogs = sorted({(r["catalog_size"], r["catalog"]) for r in runs})
+    fig, axes = plt.subplots(1, len(catalogs), figsize=(6 * len(catalogs), 4), squeeze=False)
+    for ax, (size, name) in zip(axes[0], catalogs, strict=True):
+        for r in (r for r in runs if (r["catalog_size"], r["catalog"]) == (size, name)):
             xs, ys = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
             ax.plot(xs, ys, marker="o", label=r["label"])
-        ax.set_title(f"{size:,} items")
+        ax.set_title(name)
         ax.set_xlabel("training wall clock (s)")
         ax.set_ylabel("validation NDCG@10")
         ax.grid(alpha=0.3)

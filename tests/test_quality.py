@@ -78,6 +78,22 @@ def test_table_and_plot_read_a_finished_run(tmp_path):
     pytest.importorskip("matplotlib", reason="the plot needs the optional matplotlib (.[plot])")
     plot_curves([run], tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_a_dataset_run_is_tabulated_and_plotted_without_an_oracle(tmp_path):
+    from annsample.config import load_config
+    from annsample.train import train
+
+    settings = ("train.num_threads=1", "train.epochs=2", "train.max_steps_per_epoch=3")
+    train(load_config("configs/tiny.yaml", settings), tmp_path / "run")
+    run = read_run(tmp_path / "run")
+    assert run["catalog"] == "tiny" and run["oracle"] is None and len(run["curve"]) == 2
+    table = quality_table([run])
+    assert "| tiny | uniform bce |" in table and "| – (no oracle) |" in table
+    assert "nan" not in table and "oracle (true" not in table
+    pytest.importorskip("matplotlib", reason="the plot needs the optional matplotlib (.[plot])")
+    plot_curves([run], tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 1000
     # the command prints the same table and writes the same plot
     result = CliRunner().invoke(
         main, ["quality", str(tmp_path / "run"), "--png", str(tmp_path / "cli.png")]
