@@ -85,6 +85,9 @@ class SamplerConfig:
     matmul_precision: str = "fp32"  # exact_gumbel: "fp32", "tf32" or "bf16" score matmuls
     warmup_steps: int = 0  # warm-up negatives for the first steps (not uniform, in_batch, mixed)
     warmup_sampler: str = "uniform"  # what serves the warm-up steps: "uniform" or "popularity"
+    # then a gradual hand-over: over these steps the warm-up sampler's share of the negatives falls
+    # linearly from 1 to 0 (0 = switch at once)
+    warmup_blend_steps: int = 0
     # mixed: how many of the num_negatives come from the batch's positives (the rest uniform);
     # tron: in-batch candidates per position (TRON's 127)
     in_batch_negatives: int = 127
@@ -303,6 +306,11 @@ def _check_consistency(config: RunConfig, where: str) -> None:
         )
     if not math.isfinite(config.train.lr) or config.train.lr <= 0:
         raise ConfigError(f"{where}: train.lr must be a finite number > 0, got {config.train.lr}")
+    for key in ("warmup_steps", "warmup_blend_steps"):
+        if getattr(config.sampler, key) < 0:
+            raise ConfigError(
+                f"{where}: sampler.{key} must be >= 0 (0 = none), got {getattr(config.sampler, key)}"
+            )
     if config.train.lr_warmup_steps < 0:
         raise ConfigError(
             f"{where}: train.lr_warmup_steps must be >= 0 (0 = no warm-up), "
@@ -361,6 +369,7 @@ _SAMPLER_KEY_USERS: dict[str, tuple[str, ...]] = {
     # not uniform, in_batch or mixed: a draw that ignores the model has nothing to warm up for
     "warmup_steps": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
     "warmup_sampler": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
+    "warmup_blend_steps": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
     "in_batch_negatives": ("mixed", "tron"),
     "uniform_candidates": ("tron",),
 }
@@ -425,13 +434,21 @@ def check_ignored_settings(
                 "ignores the sampler; remove the sampler settings or use a sampled loss"
             )
     else:
-        if s.warmup_sampler != reference.sampler.warmup_sampler and not s.warmup_steps:
+        warms_up = bool(s.warmup_steps or s.warmup_blend_steps)
+        if s.warmup_sampler != reference.sampler.warmup_sampler and not warms_up:
             raise ConfigError(
                 f"{where}: sampler.warmup_sampler is set but sampler.warmup_steps=0, so no step "
                 "uses it; set sampler.warmup_steps or remove it"
             )
+        if s.warmup_blend_steps and loss.name == "sampled_softmax" and loss.logq_correction:
+            raise ConfigError(
+                f"{where}: sampler.warmup_blend_steps with a logQ-corrected sampled_softmax: "
+                "during the hand-over each negative carries the log q of the sampler that drew "
+                "it, not of the blend, so the correction would be biased; use loss.name=bce or "
+                "gbce, loss.logq_correction=false, or sampler.warmup_blend_steps=0"
+            )
         for key, users in _SAMPLER_KEY_USERS.items():
-            if key == "beta" and s.warmup_sampler == "popularity" and s.warmup_steps:
+            if key == "beta" and s.warmup_sampler == "popularity" and warms_up:
                 continue  # the popularity warm-up reads it
             if s.name not in users and getattr(s, key) != getattr(reference.sampler, key):
                 raise ConfigError(

@@ -247,6 +247,48 @@ class Sampler(Protocol):
     ) -> Negatives: ...
 
 
+class BlendSampler:
+    """A gradual hand-over between two samplers: each negative comes from ``first`` with
+    probability ``share`` and from ``second`` otherwise (one coin per negative).
+
+    The trainer uses it after ``sampler.warmup_steps`` for ``sampler.warmup_blend_steps`` steps,
+    lowering ``share`` from 1 to 0, so a model trained on warm-up negatives is not handed all at
+    once to a model-aware sampler (docs/results.md measured such a switch drop validation NDCG@10).
+    ``log_q`` of each negative is the log q of the sampler that drew it, not of the blend
+    (``exact_log_q`` is False): fine for BCE and gBCE, which do not read it.
+
+    Args:
+        first, second: the samplers blended (e.g. popularity, then ann).
+        share: probability in [0, 1] that a negative comes from ``first``.
+    """
+
+    name = "blend"
+    exact_log_q = False
+
+    def __init__(self, first: Sampler, second: Sampler, share: float) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise SamplerError(f"blend share must be in [0, 1], got {share}")
+        self.first, self.second, self.share = first, second, share
+        self.model_aware = first.model_aware or second.model_aware
+
+    def sample(
+        self,
+        queries: torch.Tensor,
+        item_embeddings: torch.Tensor,
+        exclusions: Exclusions,
+        k: int,
+        generator: torch.Generator,
+        sequence_queries: torch.Tensor | None = None,
+    ) -> Negatives:
+        a = self.first.sample(queries, item_embeddings, exclusions, k, generator, sequence_queries)
+        b = self.second.sample(queries, item_embeddings, exclusions, k, generator, sequence_queries)
+        coin = torch.rand(a.ids.shape, generator=generator, device=generator.device)
+        from_first = coin < self.share
+        return Negatives(
+            torch.where(from_first, a.ids, b.ids), torch.where(from_first, a.log_q, b.log_q)
+        )
+
+
 class UniformSampler:
     """Uniform over the allowed items (the SASRec baseline): q(j) = 1 / (N - |excluded|).
 

@@ -40,7 +40,13 @@ from annsample.model import SASRec, count_parameters
 from annsample.prepare import Prepared, check_sampler_fits, prepare_data, probe_set
 from annsample.refresh import make_index_refresher, make_refresh_schedule
 from annsample.run import MetricsLog, check_run_dir, prepare_run_dir, resume_point
-from annsample.samplers import Sampler, UniformSampler, build_sampler, make_sampler
+from annsample.samplers import (
+    BlendSampler,
+    Sampler,
+    UniformSampler,
+    build_sampler,
+    make_sampler,
+)
 from annsample.staleness import StalenessMonitor
 
 logger = logging.getLogger(__name__)
@@ -217,7 +223,7 @@ def _setup_sampler(run: Training, built: bool) -> None:
             snapshot = staleness_mod.item_table_snapshot(run.model)
             run.refresher.build(snapshot, step=0, ids=item_ids)
     run.sampler = build_sampler(config.sampler, prepared.popularity, run.refresher)
-    if config.sampler.warmup_steps:
+    if config.sampler.warmup_steps or config.sampler.warmup_blend_steps:
         run.warmup = make_sampler(
             config.sampler.warmup_sampler, popularity=prepared.popularity, beta=config.sampler.beta
         )
@@ -283,7 +289,7 @@ def train_epoch(run: Training, epoch: int, budget: guards.Budget) -> tuple[float
         width = int(lengths[batch].max())  # trim the all-padding left columns
         seq = inputs[batch, -width:].to(run.device)
         tgt = targets[batch, -width:].to(run.device)
-        sampler = run.warmup if step < config.sampler.warmup_steps else run.sampler
+        sampler = step_sampler(run, step)
         exclude = config.sampler.exclude_history and run.sampler is not None
         histories = prepared.histories(batch, run.device) if exclude else None
         loss = loss_fn(
@@ -382,6 +388,21 @@ def end_epoch(run: Training, epoch: int, budget: guards.Budget) -> None:
     progress.next_epoch, progress.next_batch = epoch + 1, 0
     progress.epoch_loss_sum = progress.epoch_elapsed = 0.0
     save_checkpoint(run, run.generators["order"].get_state())
+
+
+def step_sampler(run: Training, step: int) -> Sampler | None:
+    """The sampler of optimiser step ``step`` (0-based): the warm-up sampler for the first
+    ``sampler.warmup_steps`` steps, then for ``sampler.warmup_blend_steps`` steps a
+    :class:`~annsample.samplers.BlendSampler` whose warm-up share falls linearly from B/(B+1) to
+    1/(B+1), then the run's sampler."""
+    sc = run.config.sampler
+    after = step - sc.warmup_steps
+    if after < 0:
+        return run.warmup
+    if after < sc.warmup_blend_steps:
+        share = 1.0 - (after + 1) / (sc.warmup_blend_steps + 1)
+        return BlendSampler(run.warmup, run.sampler, share)
+    return run.sampler
 
 
 def save_checkpoint(run: Training, order_state: torch.Tensor) -> None:

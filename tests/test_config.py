@@ -457,6 +457,11 @@ def test_any_text_gives_a_config_or_a_config_error(text):
         ({"sampler": {"name": "uniform", "query": "sequence"}}, "sampler.query", "uniform"),
         ({"sampler": {"name": "uniform", "warmup_steps": 5}}, "sampler.warmup_steps", "uniform"),
         (
+            {"sampler": {"name": "uniform", "warmup_blend_steps": 5}},
+            "sampler.warmup_blend_steps",
+            "uniform",
+        ),
+        (
             {"sampler": {"name": "uniform", "warmup_steps": 5, "warmup_sampler": "popularity"}},
             "sampler.warmup_steps",
             "uniform",
@@ -645,11 +650,36 @@ def test_tron_refuses_a_logq_correction_and_says_why():
         ({"loss": {"name": "scaled_ce", "sce_scale": -1.0}}, "loss.sce_scale must be a finite"),
         ({"loss": {"name": "scaled_ce", "sce_scale": math.inf}}, "loss.sce_scale must be a finite"),
         ({"train": {"lr_warmup_steps": -1}}, "train.lr_warmup_steps must be >= 0"),
+        ({"sampler": {"warmup_steps": -1}}, "sampler.warmup_steps must be >= 0"),
+        ({"sampler": {"warmup_blend_steps": -2}}, "sampler.warmup_blend_steps must be >= 0"),
+        (
+            {
+                "sampler": {"name": "ann", "warmup_blend_steps": 100},
+                "loss": {"name": "sampled_softmax"},
+            },
+            "each negative carries the log q of the sampler that drew it",
+        ),
     ],
 )
 def test_new_settings_with_bad_values_are_one_clear_error(raw, message):
     with pytest.raises(ConfigError, match="my.yaml: .*" + re.escape(message)):
         config_from_dict(raw, "my.yaml")
+
+
+def test_a_blended_hand_over_loads_with_the_losses_that_read_no_log_q():
+    for loss in ({"name": "bce"}, {"name": "sampled_softmax", "logq_correction": False}):
+        config = config_from_dict(
+            {
+                "sampler": {
+                    "name": "ann",
+                    "warmup_blend_steps": 100,
+                    "warmup_sampler": "popularity",
+                },
+                "loss": loss,
+            },
+            "my.yaml",
+        )
+        assert (config.sampler.warmup_steps, config.sampler.warmup_blend_steps) == (0, 100)
 
 
 def test_recipe_knobs_load_and_default_to_the_old_behaviour():

@@ -654,3 +654,31 @@ def test_make_sampler_builds_the_in_batch_samplers(name):
     assert sampler.name == name
     if name != "in_batch":
         assert sampler.in_batch_negatives == 3
+
+
+def test_blend_draws_each_negative_from_the_first_sampler_with_its_share():
+    from annsample.samplers import BlendSampler, PopularitySampler, UniformSampler
+
+    n, P, k = 50, 400, 8
+    counts = torch.zeros(n + 1)
+    counts[1] = 1e9  # popularity puts (almost) all its mass on item 1
+    first = PopularitySampler(counts, beta=1.0)
+    second = UniformSampler()
+    history = torch.zeros((P, 0), dtype=torch.int64)
+    exclusions = Exclusions(history, torch.arange(P), torch.full((P,), n), n)
+    items = torch.randn(n + 1, 4)
+    queries = torch.randn(P, 4)
+    for share in (0.0, 0.3, 1.0):
+        blend = BlendSampler(first, second, share)
+        drawn = blend.sample(queries, items, exclusions, k, torch.Generator().manual_seed(0))
+        is_one = drawn.ids == 1
+        # the uniform sampler draws item 1 too, with probability 1 / 49 per negative
+        expected = share + (1 - share) / (n - 1)
+        se = max((expected * (1 - expected) / is_one.numel()) ** 0.5, 1e-3)
+        assert abs(is_one.float().mean().item() - expected) < 4 * se
+        # each negative carries the log q of the sampler that drew it: uniform's for the others
+        others = drawn.log_q[~is_one]
+        assert torch.allclose(others, torch.full_like(others, -math.log(n - 1)))
+    assert not blend.exact_log_q and blend.model_aware is False
+    with pytest.raises(SamplerError, match="share must be in"):
+        BlendSampler(first, second, 1.5)

@@ -151,6 +151,30 @@ def test_warmup_steps_draw_from_the_warmup_sampler_then_the_configured_one(tmp_p
     ]  # fmt: skip
 
 
+def test_a_blended_hand_over_lowers_the_warmup_share_step_by_step(tmp_path, monkeypatch):
+    original = train_mod.step_loss
+    seen = []
+
+    def record(*args):
+        sampler = args[4]
+        seen.append((args[7], type(sampler).__name__, getattr(sampler, "share", None)))
+        return original(*args)
+
+    monkeypatch.setattr(train_mod, "step_loss", record)
+    monkeypatch.chdir(REPO)
+    settings = (
+        "train.epochs=1", "train.max_steps_per_epoch=7", "train.num_threads=1",
+        "sampler.name=exact", "sampler.warmup_steps=2", "sampler.warmup_sampler=popularity",
+        "sampler.warmup_blend_steps=3",
+    )  # fmt: skip
+    train_mod.train(load_config(TINY, settings), tmp_path / "run")
+    assert [(step, name) for step, name, _ in seen] == [
+        (0, "PopularitySampler"), (1, "PopularitySampler"), (2, "BlendSampler"),
+        (3, "BlendSampler"), (4, "BlendSampler"), (5, "ExactSampler"), (6, "ExactSampler"),
+    ]  # fmt: skip
+    assert [share for _, _, share in seen[2:5]] == pytest.approx([0.75, 0.5, 0.25])
+
+
 # --------------------------------------------------------------------------- recipe knobs
 
 # train/loss of the first steps of configs/tiny.yaml, recorded before the learning-rate schedule,
