@@ -241,7 +241,8 @@ def _saved_config(run_dir: Path) -> dict | None:
     path = run_dir / "config.yaml"
     if not path.is_file():
         return None
-    return flatten(config_to_dict(load_config(path)))
+    # a run folder's config.yaml lists every key (a preset's included): no ignored-setting check
+    return flatten(config_to_dict(load_config(path, check_ignored=False)))
 
 
 def _check_folder_matches(plan: PlannedRun, run_dir: Path) -> None:
@@ -269,7 +270,7 @@ def _check_folder_matches(plan: PlannedRun, run_dir: Path) -> None:
 def resume_config(plan: PlannedRun, run_dir: Path) -> RunConfig:
     """The plan's config with the thread count the interrupted run started with (a resumed run
     must keep its config)."""
-    saved = load_config(run_dir / "config.yaml")
+    saved = load_config(run_dir / "config.yaml", check_ignored=False)
     return _with_threads(plan.config, saved.train.num_threads)
 
 

@@ -133,6 +133,24 @@ def test_catalog_preset_applies_to_every_run_and_settings_still_win():
     assert plans[1].config.sampler.index.refresh == "never"
 
 
+def test_a_catalog_grid_with_never_reports_and_resumes(tmp_path):
+    # the preset sets refresh_every=100, which a refresh=never run's saved config still lists:
+    # reading the folder back (report, resume check) must not call that an ignored setting
+    out = tmp_path / "grid"
+    grid = (f"{REFRESH}=100,never",)
+    preset = catalog_overrides(100_000)
+    first = run_ablation(
+        None, grid, out, seeds=[0], preset=preset, runner=stub_runner, show_progress=False
+    )
+    assert [o.state for o in first] == ["finished", "finished"]
+    rows, _, unfinished = collect_rows(out)
+    assert [r["refresh_interval"] for r in rows] == ["100", "never"] and not unfinished
+    again = run_ablation(
+        None, grid, out, seeds=[0], preset=preset, runner=stub_runner, show_progress=False
+    )
+    assert [o.state for o in again] == ["skipped", "skipped"]
+
+
 def test_axes_sharing_a_last_key_part_get_full_names():
     plans = plan_runs(TINY, ("sampler.name=uniform", "loss.name=bce"))
     assert plans[0].label == "sampler.name=uniform_loss.name=bce"
