@@ -76,9 +76,11 @@ def sampler_label(config: dict) -> str:
         label = f" (pool {sampler['pool_size']})"
     elif sampler["name"] == "ann":
         label = f" ({sampler['candidates']} candidates)"
+    warmup = sampler.get("warmup_sampler", "uniform")
     if sampler.get("warmup_steps"):
-        warmup = sampler.get("warmup_sampler", "uniform")
         label += f", {sampler['warmup_steps']} {warmup} warm-up steps"
+    if sampler.get("warmup_blend_steps"):
+        label += f", {sampler['warmup_blend_steps']} steps blended from {warmup}"
     return label
 
 
@@ -116,7 +118,8 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     catalogs = sorted({(r["catalog_size"], r["catalog"]) for r in runs})
-    fig, axes = plt.subplots(1, len(catalogs), figsize=(6 * len(catalogs), 4), squeeze=False)
+    # legends sit below the panels: long run labels would hide the curves
+    fig, axes = plt.subplots(1, len(catalogs), figsize=(7 * len(catalogs), 5.5), squeeze=False)
     for ax, (size, name) in zip(axes[0], catalogs, strict=True):
         for r in (r for r in runs if (r["catalog_size"], r["catalog"]) == (size, name)):
             xs, ys = zip(*r["curve"], strict=True) if r["curve"] else ((), ())
@@ -125,7 +128,7 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
         ax.set_xlabel("training wall clock (s)")
         ax.set_ylabel("validation NDCG@10")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -130,3 +130,7 @@ def test_a_run_label_names_the_candidates_and_the_warmup():
     # run folders written before warmup_sampler existed warmed up with uniform negatives
     old = {"name": "pool", "pool_size": 1000, "warmup_steps": 50}
     assert sampler_label({"sampler": old}) == " (pool 1000), 50 uniform warm-up steps"
+    blend = {**warm, "warmup_blend_steps": 300}
+    assert sampler_label({"sampler": blend}) == (
+        " (200 candidates), 500 popularity warm-up steps, 300 steps blended from popularity"
+    )
