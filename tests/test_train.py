@@ -129,29 +129,8 @@ def test_the_index_is_not_refreshed_from_non_finite_embeddings(tmp_path, monkeyp
         train_mod.train(config, tmp_path / "run")
 
 
-def test_warmup_steps_draw_from_the_warmup_sampler_then_the_configured_one(tmp_path, monkeypatch):
-    original = train_mod.step_loss
-    seen = []
-
-    def record(*args):
-        seen.append((args[7], type(args[4]).__name__))  # (steps done, the sampler that served)
-        return original(*args)
-
-    monkeypatch.setattr(train_mod, "step_loss", record)
-    monkeypatch.chdir(REPO)
-    settings = (
-        "train.epochs=1", "train.max_steps_per_epoch=5", "train.num_threads=1",
-        "sampler.name=exact", "sampler.warmup_steps=3", "sampler.warmup_sampler=popularity",
-        "sampler.beta=0.5",
-    )  # fmt: skip
-    train_mod.train(load_config(TINY, settings), tmp_path / "run")
-    assert seen == [
-        (0, "PopularitySampler"), (1, "PopularitySampler"), (2, "PopularitySampler"),
-        (3, "ExactSampler"), (4, "ExactSampler"),
-    ]  # fmt: skip
-
-
-def test_a_blended_hand_over_lowers_the_warmup_share_step_by_step(tmp_path, monkeypatch):
+def served_samplers(monkeypatch, tmp_path, settings) -> list[tuple[int, str, float | None]]:
+    """Train TINY with ``settings``; (steps done, sampler class, blend share) of every step."""
     original = train_mod.step_loss
     seen = []
 
@@ -162,12 +141,30 @@ def test_a_blended_hand_over_lowers_the_warmup_share_step_by_step(tmp_path, monk
 
     monkeypatch.setattr(train_mod, "step_loss", record)
     monkeypatch.chdir(REPO)
+    train_mod.train(load_config(TINY, settings), tmp_path / "run")
+    return seen
+
+
+def test_warmup_steps_draw_from_the_warmup_sampler_then_the_configured_one(tmp_path, monkeypatch):
+    settings = (
+        "train.epochs=1", "train.max_steps_per_epoch=5", "train.num_threads=1",
+        "sampler.name=exact", "sampler.warmup_steps=3", "sampler.warmup_sampler=popularity",
+        "sampler.beta=0.5",
+    )  # fmt: skip
+    seen = served_samplers(monkeypatch, tmp_path, settings)
+    assert [(step, name) for step, name, _ in seen] == [
+        (0, "PopularitySampler"), (1, "PopularitySampler"), (2, "PopularitySampler"),
+        (3, "ExactSampler"), (4, "ExactSampler"),
+    ]  # fmt: skip
+
+
+def test_a_blended_hand_over_lowers_the_warmup_share_step_by_step(tmp_path, monkeypatch):
     settings = (
         "train.epochs=1", "train.max_steps_per_epoch=7", "train.num_threads=1",
         "sampler.name=exact", "sampler.warmup_steps=2", "sampler.warmup_sampler=popularity",
         "sampler.warmup_blend_steps=3",
     )  # fmt: skip
-    train_mod.train(load_config(TINY, settings), tmp_path / "run")
+    seen = served_samplers(monkeypatch, tmp_path, settings)
     assert [(step, name) for step, name, _ in seen] == [
         (0, "PopularitySampler"), (1, "PopularitySampler"), (2, "BlendSampler"),
         (3, "BlendSampler"), (4, "BlendSampler"), (5, "ExactSampler"), (6, "ExactSampler"),
