@@ -44,6 +44,9 @@ class ModelConfig:
         False  # sparse item-embedding gradients (use with SparseAdam at 1M items)
     )
     layer_norm: str = "post"  # "post" (LayerNorm after each residual) or "pre" (+ a final one)
+    # "s3rec" (the S3-Rec / ICLRec reference code) or "sasrec" (Kang & McAuley's original block;
+    # see annsample.model)
+    architecture: str = "s3rec"
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,7 @@ INDEX_METRICS = ("ip", "l2_augmented", "cosine")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.format": ("auto", "sequences", "interactions"),
     "model.layer_norm": ("post", "pre"),
+    "model.architecture": ("s3rec", "sasrec"),
     "sampler.name": SAMPLER_NAMES,
     "sampler.matmul_precision": ("fp32", "tf32", "bf16"),
     "sampler.query": ("position", "sequence"),
@@ -426,6 +430,14 @@ def check_ignored_settings(
     """
     reference = reference or RunConfig()
     s, loss = config.sampler, config.loss
+    if config.model.architecture == "sasrec":
+        for key in ("layer_norm", "init_std"):
+            if getattr(config.model, key) != getattr(reference.model, key):
+                raise ConfigError(
+                    f"{where}: model.{key} is set but model.architecture=sasrec ignores it (its "
+                    "block places its own LayerNorms and uses Xavier initialisation); remove it "
+                    "or use model.architecture=s3rec"
+                )
     if loss.name == "full_ce":
         changed = _non_default(s, reference.sampler, "sampler.")
         if changed:

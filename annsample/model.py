@@ -5,8 +5,13 @@ item + learned position embeddings, LayerNorm and dropout on the input, post-Lay
 blocks with GELU feed-forward, weights initialised N(0, 0.02). ``model.layer_norm: pre`` moves each
 block's LayerNorm before its sublayer (x + f(LN(x))) and adds a final LayerNorm after the last
 block, as the original SASRec and most recent transformers do; everything else (input LayerNorm
-and dropout included) stays the same, so the two differ in that one change. The model only maps
-tensors to tensors: no loss, sampling or device moves live here.
+and dropout included) stays the same, so the two differ in that one change.
+
+``model.architecture: sasrec`` is Kang & McAuley's original block instead, the one behind the
+strongest public full-CE SASRec logs on Beauty: item embeddings scaled by √d with no input
+LayerNorm, a LayerNorm on the attention query only (the keys, values and residual read the raw
+stream), a LayerNorm before a ReLU feed-forward of width d, a final LayerNorm, and Xavier-normal
+initialisation. The model only maps tensors to tensors: no loss, sampling or device moves live here.
 """
 
 from __future__ import annotations
@@ -62,6 +67,37 @@ class _FeedForward(nn.Module):
         return self.norm(x + self.dropout(self.fc2(F.gelu(self.fc1(x)))))
 
 
+class _KangBlock(nn.Module):
+    """One block of the original SASRec: ``x + MHA(LN(x), x, x)``, then ``y + FFN(y)`` with
+    ``y = LN(x)`` and a ReLU feed-forward of width d (Kang & McAuley, 2018)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.query_norm = nn.LayerNorm(hidden_size, eps=1e-8)
+        self.q = nn.Linear(hidden_size, hidden_size)
+        self.kv = nn.Linear(hidden_size, 2 * hidden_size)
+        self.out = nn.Linear(hidden_size, hidden_size)
+        self.attn_dropout = dropout
+        self.ff_norm = nn.LayerNorm(hidden_size, eps=1e-8)
+        self.fc1 = nn.Linear(hidden_size, hidden_size)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        H = self.num_heads
+        q = self.q(self.query_norm(x)).view(B, T, H, D // H).transpose(1, 2)
+        k, v = (t.transpose(1, 2) for t in self.kv(x).view(B, T, 2, H, D // H).unbind(dim=2))
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        x = x + self.out(y.transpose(1, 2).reshape(B, T, D))
+        x = self.ff_norm(x)
+        return x + self.dropout2(self.fc2(self.dropout1(F.relu(self.fc1(x)))))
+
+
 class SASRec(nn.Module):
     """Sequential recommender whose hidden state at position t scores item j as ``h_t · e_j``.
 
@@ -80,8 +116,18 @@ class SASRec(nn.Module):
             n_items + 1, config.hidden_size, padding_idx=0, sparse=config.sparse_embeddings
         )
         self.position_embedding = nn.Embedding(max_len, config.hidden_size)
-        self.input_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
         self.input_dropout = nn.Dropout(config.dropout)
+        self.kang = config.architecture == "sasrec"
+        if self.kang:
+            self.input_scale = config.hidden_size**0.5
+            self.blocks = nn.ModuleList(
+                _KangBlock(config.hidden_size, config.num_heads, config.dropout)
+                for _ in range(config.num_blocks)
+            )
+            self.final_norm = nn.LayerNorm(config.hidden_size, eps=1e-8)
+            self._init_xavier()
+            return
+        self.input_norm = nn.LayerNorm(config.hidden_size, eps=1e-12)
         pre_norm = config.layer_norm == "pre"
         self.blocks = nn.ModuleList(
             nn.ModuleList(
@@ -110,6 +156,15 @@ class SASRec(nn.Module):
             # padding never scores: keep its row at zero (padding_idx also keeps its gradient at zero)
             self.item_embedding.weight[0].zero_()
 
+    def _init_xavier(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.xavier_normal_(module.weight)
+                if isinstance(module, nn.Linear):
+                    nn.init.zeros_(module.bias)
+        with torch.no_grad():
+            self.item_embedding.weight[0].zero_()
+
     @property
     def item_embeddings(self) -> torch.Tensor:
         """The item table E, (N+1, d) float32; row 0 is padding."""
@@ -130,8 +185,11 @@ class SASRec(nn.Module):
         """
         B, T = seq.shape
         positions = torch.arange(self.max_len - T, self.max_len, device=seq.device)
-        x = self.item_embedding(seq) + self.position_embedding(positions)[None]  # (B, T, d)
-        x = self.input_dropout(self.input_norm(x))
+        x = self.item_embedding(seq)  # (B, T, d)
+        if self.kang:
+            x = self.input_dropout(x * self.input_scale + self.position_embedding(positions)[None])
+        else:
+            x = self.input_dropout(self.input_norm(x + self.position_embedding(positions)[None]))
         # Causal and key-padding mask. A padding query then attends to nothing but itself so its
         # softmax stays finite; its output is never used (losses only read real positions).
         keep = (
@@ -140,8 +198,12 @@ class SASRec(nn.Module):
         )
         keep = keep | torch.eye(T, dtype=torch.bool, device=seq.device)[None]
         attn_mask = keep[:, None]  # (B, 1, T, T), True = may attend
-        for attention, feed_forward in self.blocks:
-            x = feed_forward(attention(x, attn_mask))
+        if self.kang:
+            for block in self.blocks:
+                x = block(x, attn_mask)
+        else:
+            for attention, feed_forward in self.blocks:
+                x = feed_forward(attention(x, attn_mask))
         if self.final_norm is not None:
             x = self.final_norm(x)
         return x
