@@ -772,3 +772,12 @@ def test_beta_is_read_by_a_popularity_warmup():
         {"sampler": {"name": "ann", "warmup_steps": 5, "warmup_sampler": "popularity", "beta": 0.5}}
     )
     assert config.sampler.warmup_sampler == "popularity" and config.sampler.beta == 0.5
+
+
+@pytest.mark.parametrize("setting", ["model.layer_norm=pre", "model.init_std=0.05"])
+def test_sasrec_architecture_refuses_the_settings_it_ignores(setting):
+    with pytest.raises(ConfigError, match=r"model\.architecture=sasrec ignores it"):
+        config_from_dict({}, overrides=["model.architecture=sasrec", setting])
+    assert config_from_dict({}, overrides=["model.architecture=sasrec"]).model.architecture == (
+        "sasrec"
+    )

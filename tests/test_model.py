@@ -267,3 +267,50 @@ def test_pre_ln_keeps_causality_padding_invariance_and_trains_the_final_norm():
     (h * torch.randn(h.shape)).sum().backward()
     assert model.final_norm.weight.grad is not None
     assert torch.count_nonzero(model.final_norm.weight.grad) > 0
+
+
+# --------------------------------------------------------------------------- original SASRec block
+
+KANG = ModelConfig(hidden_size=16, num_blocks=2, num_heads=2, dropout=0.3, architecture="sasrec")
+
+
+def test_sasrec_architecture_matches_a_hand_computed_original_block():
+    model = make_model(KANG).eval()
+    seq = right_aligned(ROWS)
+    B, T = seq.shape
+    with torch.no_grad():
+        x = model.item_embedding(seq) * 4.0 + model.position_embedding.weight[None, :T]  # √16
+        keep = torch.ones(T, T, dtype=torch.bool).tril()[None] & (seq > 0)[:, None, :]
+        mask = (keep | torch.eye(T, dtype=torch.bool)[None])[:, None]
+        for block in model.blocks:
+            q = block.q(block.query_norm(x)).view(B, T, 2, 8).transpose(1, 2)
+            k, v = block.kv(x).view(B, T, 2, 2, 8).unbind(dim=2)
+            y = torch.nn.functional.scaled_dot_product_attention(
+                q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+            )
+            x = block.ff_norm(x + block.out(y.transpose(1, 2).reshape(B, T, 16)))
+            x = x + block.fc2(torch.relu(block.fc1(x)))
+        torch.testing.assert_close(model.encode(seq), model.final_norm(x), rtol=0, atol=1e-5)
+    # a feed-forward of width d, not 4d, and no input LayerNorm
+    assert model.blocks[0].fc1.weight.shape == (16, 16)
+    assert not hasattr(model, "input_norm")
+
+
+def test_sasrec_architecture_is_causal_padding_invariant_and_xavier_initialised():
+    model = make_model(KANG).eval()
+    seq = right_aligned([list(range(1, MAX_LEN + 1))])
+    changed = seq.clone()
+    changed[0, 6:] = torch.arange(20, 20 + MAX_LEN - 6)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode(seq)[:, :6], model.encode(changed)[:, :6], rtol=0, atol=1e-6
+        )
+        full = model.encode(right_aligned(ROWS))[:, -1]
+        trimmed = model.encode(right_aligned(ROWS)[:, -6:])[:, -1]
+    fits = torch.tensor([len(row) <= 6 for row in ROWS])
+    torch.testing.assert_close(trimmed[fits], full[fits], rtol=0, atol=1e-5)
+    assert torch.count_nonzero(model.item_embeddings[0]) == 0
+    # Xavier-normal: std sqrt(2 / (fan_in + fan_out)), not the s3rec N(0, 0.02)
+    big = SASRec(4000, MAX_LEN, KANG)
+    expected = (2.0 / (4001 + 16)) ** 0.5
+    assert abs(big.item_embeddings[1:].std().item() / expected - 1) < 0.05
