@@ -272,6 +272,32 @@ def quality(run_dirs: tuple[Path, ...], png: Path | None, counts: tuple[str, int
         click.echo(json.dumps({"transition_counts": metrics}))
 
 
+@main.command()
+@click.argument("runs", nargs=-1, required=True, metavar="[LABEL=]RUN_DIR...")
+@_file_option("--png", "png", "The plot to write.", required=True)
+@click.option(
+    "--reference",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A CSV of epoch,valid_ndcg10 (e.g. a published training log) drawn in the by-epoch panel.",
+)
+@click.option("--reference-label", default="reference", show_default=True)
+@_user_errors
+def curves(runs: tuple[str, ...], png: Path, reference: Path | None, reference_label: str) -> None:
+    """Plot validation NDCG@10 against epochs and training seconds for run folders, finished or
+    stopped (only metrics.jsonl is read)."""
+    from annsample.curves import plot_runs, reference_curve, run_curve
+
+    _check_writable(png, "--png")
+    labelled = []
+    for item in runs:
+        label, sep, folder = item.rpartition("=")
+        labelled.append((label if sep else Path(folder).name, run_curve(folder)))
+    ref = (reference_label, reference_curve(reference)) if reference is not None else None
+    plot_runs(labelled, png, ref)
+    click.echo(f"wrote {png}")
+
+
 @main.command("export")
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.argument("out_dir", type=click.Path(path_type=Path))

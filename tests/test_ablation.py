@@ -28,7 +28,7 @@ from annsample.ablation import (
 )
 from annsample.ablation_report import collect_rows
 from annsample.cli.main import main
-from annsample.config import RunConfig, catalog_overrides
+from annsample.config import RunConfig, TrainConfig, catalog_overrides
 from annsample.errors import ConfigError
 
 ANN = (
@@ -203,7 +203,8 @@ def test_finished_runs_are_skipped_and_interrupted_ones_resumed(tmp_path):
 def test_a_run_folder_with_other_settings_is_refused(tmp_path):
     out = tmp_path / "grid"
     run_ablation(TINY, (f"{REFRESH}=1",), out, overrides=ANN, runner=stub_runner)
-    with pytest.raises(ConfigError, match="train.lr=0.001 but the grid now asks for train.lr=0.01"):
+    lr = TrainConfig().lr  # configs/tiny.yaml keeps the default
+    with pytest.raises(ConfigError, match=f"train.lr={lr} but the grid now asks for train.lr=0.01"):
         run_ablation(TINY, (f"{REFRESH}=1",), out, overrides=(*ANN, "train.lr=0.01"))
 
 

@@ -189,6 +189,9 @@ SHORT = (
     "train.max_steps_per_epoch=4",
     "train.log_every=1",
     "train.num_threads=1",
+    # the settings of that time, which the recipe's defaults have since changed
+    "train.lr=0.001",
+    "train.bucket_by_length=true",
 )
 
 
