@@ -16,23 +16,20 @@ from annsample.errors import RunError
 
 def run_curve(run_dir: str | Path) -> list[tuple[int, float, float]]:
     """``[(epoch, training seconds, validation NDCG@10), ...]`` of one run folder; seconds are
-    the summed ``train/epoch_seconds`` up to that epoch (validations excluded)."""
+    the ``train/epoch_seconds`` logged before that validation, summed (validations excluded)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise RunError(
             f"{run_dir} has no metrics.jsonl; pass the --out folder of `annsample train`"
         )
-    seconds_at: dict[int, float] = {}
     total = 0.0
     points = []
     for line in path.read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if "train/epoch_seconds" in record:
             total += record["train/epoch_seconds"]
-            seconds_at[record["train/epoch"]] = total
         if "eval/valid/ndcg@10" in record:
-            epoch = record["train/epoch"]
-            points.append((epoch, seconds_at.get(epoch, total), record["eval/valid/ndcg@10"]))
+            points.append((record["train/epoch"], total, record["eval/valid/ndcg@10"]))
     return points
 
 

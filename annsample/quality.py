@@ -16,6 +16,7 @@ import numpy as np
 import yaml
 
 from annsample import data as data_mod
+from annsample.curves import run_curve
 from annsample.errors import RunError
 
 logger = logging.getLogger(__name__)
@@ -39,12 +40,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
     ]
     # wall clock of training, validations excluded: the sum of epoch seconds so far
     epoch_seconds = [r["train/epoch_seconds"] for r in records if "train/epoch_seconds" in r]
-    curve, elapsed = [], 0.0
-    for record in records:
-        if "train/epoch_seconds" in record:
-            elapsed += record["train/epoch_seconds"]
-        if "eval/valid/ndcg@10" in record:
-            curve.append((elapsed, record["eval/valid/ndcg@10"]))
+    curve = [(seconds, ndcg) for _, seconds, ndcg in run_curve(run)]
     sampler, loss = config["sampler"]["name"], config["loss"]["name"]
     return {
         "label": f"{sampler} {loss}" + sampler_label(config),
