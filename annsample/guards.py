@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -12,14 +13,28 @@ from annsample.errors import NumericalError
 
 class Budget:
     """``train.max_seconds`` of wall clock for the training loop (0 = none); a resumed run keeps
-    counting from ``already_spent`` seconds."""
+    counting from ``already_spent`` seconds.
 
-    def __init__(self, seconds: float, already_spent: float = 0.0) -> None:
+    ``agree`` turns one process's answer into the answer every process acts on (under DDP: true
+    when any rank's clock ran out), so all ranks stop after the same step: a rank that stopped
+    alone would leave the others waiting in a collective. Called only when a budget is set.
+    """
+
+    def __init__(
+        self,
+        seconds: float,
+        already_spent: float = 0.0,
+        agree: Callable[[bool], bool] | None = None,
+    ) -> None:
         self.seconds = seconds
         self.start = time.perf_counter() - already_spent
+        self.agree = agree
 
     def spent(self) -> bool:
-        return bool(self.seconds) and time.perf_counter() - self.start >= self.seconds
+        if not self.seconds:
+            return False
+        local = time.perf_counter() - self.start >= self.seconds
+        return self.agree(local) if self.agree is not None else local
 
 
 def nonfinite_gradients(model: nn.Module) -> list[str]:

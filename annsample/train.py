@@ -12,6 +12,7 @@ and scores through the public API (:mod:`annsample.api`), the seam any torch mod
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -103,6 +104,7 @@ def train(
         budget = guards.Budget(
             config.train.max_seconds,
             sum(run.progress.epoch_seconds) + run.progress.epoch_elapsed,
+            agree=functools.partial(distributed.any_rank, run.ctx),
         )
         for epoch in range(run.progress.next_epoch, config.train.epochs + 1):
             if run.progress.stopped:
@@ -138,12 +140,6 @@ def setup(config: RunConfig, out: Path, overwrite: bool, resume: bool) -> Traini
         )
     elif ctx.is_main:
         check_run_dir(out, overwrite)
-    if ctx.enabled and tc.max_seconds:
-        # each rank's clock would end training at a different step and hang the others
-        raise ConfigError(
-            "train.max_seconds is not supported with several processes yet; set "
-            "train.max_seconds=0 and bound the run with train.epochs"
-        )
     if tc.num_threads:
         # FAISS's OpenMP pool follows too: on a shared machine an idle-spinning pool of every
         # core's threads costs more than it searches.

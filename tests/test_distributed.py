@@ -209,6 +209,43 @@ def test_a_failing_rank_fails_the_job_with_one_clear_error(tmp_path):
     assert "--resume" not in errors[-1]  # bad input: nothing to resume
 
 
+def _any_rank_worker(rank: int, init_file: str, answers) -> None:
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=2
+    )
+    ctx = distributed.DistContext(rank=rank, world_size=2)
+    answers.put((rank, distributed.any_rank(ctx, rank == 1), distributed.any_rank(ctx, False)))
+    distributed.close(ctx)
+
+
+def test_any_rank_is_true_everywhere_when_one_rank_says_so(tmp_path):
+    context = torch.multiprocessing.get_context("spawn")
+    answers = context.Queue()
+    init_file = str(tmp_path / "init")
+    workers = [
+        context.Process(target=_any_rank_worker, args=(rank, init_file, answers)) for rank in (0, 1)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [worker.exitcode for worker in workers] == [0, 0]
+    assert sorted(answers.get(timeout=5) for _ in workers) == [(0, True, False), (1, True, False)]
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_every_rank_after_the_same_step(tmp_path):
+    # each rank reads its own clock; they must still stop together, or one waits in a collective
+    out = tmp_path / "run"
+    overrides = (*OVERRIDES, "train.epochs=1000", "train.patience=1000", "train.max_seconds=3")
+    done = run_cli(["train", "--config", TINY, *sets(overrides), "--out", str(out), "--nproc", "2"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["epochs_run"] < 1000
+    rank1_steps = [r["step"] for r in read_jsonl(out / "ranks" / "rank1.jsonl")]
+    assert max(rank1_steps) == results["steps"]
+
+
 def test_shard_batches_is_strided_and_skips_batches_smaller_than_the_ranks():
     batches = [torch.arange(7), torch.arange(10, 11), torch.arange(20, 24)]
     for rank in (0, 1):

@@ -35,3 +35,16 @@ def test_budget_counts_time_already_spent():
     assert not guards.Budget(0).spent()  # 0 = no budget
     assert guards.Budget(10, already_spent=11).spent()
     assert not guards.Budget(10, already_spent=0).spent()
+
+
+def test_budget_acts_on_the_agreed_answer_and_asks_only_when_a_budget_is_set():
+    asked: list[bool] = []
+
+    def agree(local: bool) -> bool:  # as if another rank's clock had run out
+        asked.append(local)
+        return True
+
+    assert guards.Budget(10, already_spent=0, agree=agree).spent()
+    assert asked == [False]  # this process's own answer went in
+    assert not guards.Budget(0, agree=agree).spent()
+    assert asked == [False]  # no budget: no collective
