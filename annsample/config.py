@@ -89,8 +89,11 @@ class SamplerConfig:
     warmup_steps: int = 0  # warm-up negatives for the first steps (not uniform, in_batch, mixed)
     warmup_sampler: str = "uniform"  # what serves the warm-up steps: "uniform" or "popularity"
     # then a gradual hand-over: over these steps the warm-up sampler's share of the negatives falls
-    # linearly from 1 to 0 (0 = switch at once)
+    # linearly from 1 to warmup_share (0 = switch at once)
     warmup_blend_steps: int = 0
+    # the share of the negatives the warm-up sampler keeps for the rest of training, one coin per
+    # negative (0 = none: the named sampler serves alone after the hand-over)
+    warmup_share: float = 0.0
     # mixed: how many of the num_negatives come from the batch's positives (the rest uniform);
     # tron: in-batch candidates per position (TRON's 127)
     in_batch_negatives: int = 127
@@ -319,6 +322,12 @@ def _check_consistency(config: RunConfig, where: str) -> None:
             raise ConfigError(
                 f"{where}: sampler.{key} must be >= 0 (0 = none), got {getattr(config.sampler, key)}"
             )
+    if not 0.0 <= config.sampler.warmup_share < 1.0:
+        raise ConfigError(
+            f"{where}: sampler.warmup_share must be in [0, 1) (0 = none; at 1 the named sampler "
+            f"would serve nothing: set sampler.name to the warm-up sampler instead), "
+            f"got {config.sampler.warmup_share}"
+        )
     if config.train.lr_warmup_steps < 0:
         raise ConfigError(
             f"{where}: train.lr_warmup_steps must be >= 0 (0 = no warm-up), "
@@ -378,6 +387,7 @@ _SAMPLER_KEY_USERS: dict[str, tuple[str, ...]] = {
     "warmup_steps": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
     "warmup_sampler": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
     "warmup_blend_steps": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
+    "warmup_share": ("popularity", "exact", "exact_gumbel", "pool", "dns", "ann", "tron"),
     "in_batch_negatives": ("mixed", "tron"),
     "uniform_candidates": ("tron",),
 }
@@ -450,18 +460,19 @@ def check_ignored_settings(
                 "ignores the sampler; remove the sampler settings or use a sampled loss"
             )
     else:
-        warms_up = bool(s.warmup_steps or s.warmup_blend_steps)
+        warms_up = bool(s.warmup_steps or s.warmup_blend_steps or s.warmup_share)
         if s.warmup_sampler != reference.sampler.warmup_sampler and not warms_up:
             raise ConfigError(
                 f"{where}: sampler.warmup_sampler is set but sampler.warmup_steps=0, so no step "
-                "uses it; set sampler.warmup_steps or remove it"
+                "uses it; set sampler.warmup_steps (or sampler.warmup_share) or remove it"
             )
-        if s.warmup_blend_steps and loss.name == "sampled_softmax" and loss.logq_correction:
+        blends = [key for key in ("warmup_blend_steps", "warmup_share") if getattr(s, key)]
+        if blends and loss.name == "sampled_softmax" and loss.logq_correction:
             raise ConfigError(
-                f"{where}: sampler.warmup_blend_steps with a logQ-corrected sampled_softmax: "
-                "during the hand-over each negative carries the log q of the sampler that drew "
+                f"{where}: sampler.{blends[0]} with a logQ-corrected sampled_softmax: "
+                "in a blend each negative carries the log q of the sampler that drew "
                 "it, not of the blend, so the correction would be biased; use loss.name=bce or "
-                "gbce, loss.logq_correction=false, or sampler.warmup_blend_steps=0"
+                f"gbce, loss.logq_correction=false, or sampler.{blends[0]}=0"
             )
         for key, users in _SAMPLER_KEY_USERS.items():
             if key == "beta" and s.warmup_sampler == "popularity" and warms_up:

@@ -77,6 +77,8 @@ def sampler_label(config: dict) -> str:
         label += f", {sampler['warmup_steps']} {warmup} warm-up steps"
     if sampler.get("warmup_blend_steps"):
         label += f", {sampler['warmup_blend_steps']} steps blended from {warmup}"
+    if sampler.get("warmup_share"):
+        label += f", {sampler['warmup_share']:g} of the negatives from {warmup} throughout"
     return label
 
 

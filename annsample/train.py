@@ -219,7 +219,8 @@ def _setup_sampler(run: Training, built: bool) -> None:
             snapshot = staleness_mod.item_table_snapshot(run.model)
             run.refresher.build(snapshot, step=0, ids=item_ids)
     run.sampler = build_sampler(config.sampler, prepared.popularity, run.refresher)
-    if config.sampler.warmup_steps or config.sampler.warmup_blend_steps:
+    sc = config.sampler
+    if sc.warmup_steps or sc.warmup_blend_steps or sc.warmup_share:
         run.warmup = make_sampler(
             config.sampler.warmup_sampler, popularity=prepared.popularity, beta=config.sampler.beta
         )
@@ -389,15 +390,19 @@ def end_epoch(run: Training, epoch: int, budget: guards.Budget) -> None:
 def step_sampler(run: Training, step: int) -> Sampler | None:
     """The sampler of optimiser step ``step`` (0-based): the warm-up sampler for the first
     ``sampler.warmup_steps`` steps, then for ``sampler.warmup_blend_steps`` steps a
-    :class:`~annsample.samplers.BlendSampler` whose warm-up share falls linearly from B/(B+1) to
-    1/(B+1), then the run's sampler."""
+    :class:`~annsample.samplers.BlendSampler` whose warm-up share falls linearly from 1 towards
+    ``sampler.warmup_share`` = s (from s + (1-s)·B/(B+1) to s + (1-s)/(B+1)), then the run's
+    sampler, blended with the warm-up sampler at share s when s > 0."""
     sc = run.config.sampler
     after = step - sc.warmup_steps
     if after < 0:
         return run.warmup
+    floor = sc.warmup_share
     if after < sc.warmup_blend_steps:
-        share = 1.0 - (after + 1) / (sc.warmup_blend_steps + 1)
+        share = floor + (1.0 - floor) * (1.0 - (after + 1) / (sc.warmup_blend_steps + 1))
         return BlendSampler(run.warmup, run.sampler, share)
+    if floor:
+        return BlendSampler(run.warmup, run.sampler, floor)
     return run.sampler
 
 

@@ -462,6 +462,11 @@ def test_any_text_gives_a_config_or_a_config_error(text):
             "uniform",
         ),
         (
+            {"sampler": {"name": "uniform", "warmup_share": 0.5}},
+            "sampler.warmup_share",
+            "uniform",
+        ),
+        (
             {"sampler": {"name": "uniform", "warmup_steps": 5, "warmup_sampler": "popularity"}},
             "sampler.warmup_steps",
             "uniform",
@@ -652,6 +657,18 @@ def test_tron_refuses_a_logq_correction_and_says_why():
         ({"train": {"lr_warmup_steps": -1}}, "train.lr_warmup_steps must be >= 0"),
         ({"sampler": {"warmup_steps": -1}}, "sampler.warmup_steps must be >= 0"),
         ({"sampler": {"warmup_blend_steps": -2}}, "sampler.warmup_blend_steps must be >= 0"),
+        (
+            {"sampler": {"name": "ann", "warmup_share": 1.0}},
+            "sampler.warmup_share must be in [0, 1)",
+        ),
+        (
+            {"sampler": {"name": "ann", "warmup_share": -0.1}},
+            "sampler.warmup_share must be in [0, 1)",
+        ),
+        (
+            {"sampler": {"name": "ann", "warmup_share": 0.5}, "loss": {"name": "sampled_softmax"}},
+            "sampler.warmup_share with a logQ-corrected sampled_softmax",
+        ),
         (
             {
                 "sampler": {"name": "ann", "warmup_blend_steps": 100},

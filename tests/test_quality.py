@@ -134,3 +134,7 @@ def test_a_run_label_names_the_candidates_and_the_warmup():
     assert sampler_label({"sampler": blend}) == (
         " (200 candidates), 500 popularity warm-up steps, 300 steps blended from popularity"
     )
+    kept = {**blend, "warmup_share": 0.5}
+    assert sampler_label({"sampler": kept}).endswith(
+        "300 steps blended from popularity, 0.5 of the negatives from popularity throughout"
+    )

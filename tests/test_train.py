@@ -172,6 +172,29 @@ def test_a_blended_hand_over_lowers_the_warmup_share_step_by_step(tmp_path, monk
     assert [share for _, _, share in seen[2:5]] == pytest.approx([0.75, 0.5, 0.25])
 
 
+def test_a_warmup_share_keeps_the_warmup_sampler_in_the_mix_after_the_hand_over(
+    tmp_path, monkeypatch
+):
+    settings = (
+        "train.epochs=1", "train.max_steps_per_epoch=6", "train.num_threads=1",
+        "sampler.name=exact", "sampler.warmup_steps=1", "sampler.warmup_sampler=popularity",
+        "sampler.warmup_blend_steps=3", "sampler.warmup_share=0.2",
+    )  # fmt: skip
+    seen = served_samplers(monkeypatch, tmp_path, settings)
+    assert [name for _, name, _ in seen] == ["PopularitySampler"] + ["BlendSampler"] * 5
+    # the hand-over falls from 1 towards 0.2 and stays there
+    assert [share for _, _, share in seen[1:]] == pytest.approx([0.8, 0.6, 0.4, 0.2, 0.2])
+
+
+def test_a_warmup_share_alone_blends_from_the_first_step(tmp_path, monkeypatch):
+    settings = (
+        "train.epochs=1", "train.max_steps_per_epoch=2", "train.num_threads=1",
+        "sampler.name=exact", "sampler.warmup_sampler=popularity", "sampler.warmup_share=0.5",
+    )  # fmt: skip
+    seen = served_samplers(monkeypatch, tmp_path, settings)
+    assert [(name, share) for _, name, share in seen] == [("BlendSampler", 0.5)] * 2
+
+
 # --------------------------------------------------------------------------- recipe knobs
 
 # train/loss of the first steps of configs/tiny.yaml, recorded before the learning-rate schedule,
