@@ -548,6 +548,7 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
         "train.batch_size=256",
         "train.lr=0.001",
         "train.bucket_by_length=true",
+        "train.eval_every=1",
     ]
     if n_items >= 100_000:
         overrides += [

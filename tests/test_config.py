@@ -784,6 +784,17 @@ def test_catalog_size_preset_counts_as_defaults_for_the_ignored_settings_check(u
         load_config(None, preset + user)
 
 
+def test_catalog_size_preset_validates_every_epoch_of_its_budget():
+    # its epochs are 250 steps and its budget 600 s: validating every 5 epochs (the dataset
+    # recipe's schedule) would keep at most two checkpoints to test from
+    from annsample.config import catalog_overrides
+
+    for n_items in (100_000, 1_000_000):
+        config = load_config(None, preset=catalog_overrides(n_items))
+        assert config.train.eval_every == 1
+        assert config.train.max_steps_per_epoch == 250
+
+
 def test_beta_is_read_by_a_popularity_warmup():
     config = config_from_dict(
         {"sampler": {"name": "ann", "warmup_steps": 5, "warmup_sampler": "popularity", "beta": 0.5}}
