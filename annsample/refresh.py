@@ -412,6 +412,7 @@ class IndexRefresher:
         self._skipped = 0
         self._failures = 0
         self._last_refresh_seconds = 0.0
+        self._last_reassigned = 0  # rows the last refresh assigned to lists (re_add: changed)
         self._total_refresh_seconds = 0.0
         self._total_wait_seconds = 0.0
         self._build_seconds = 0.0
@@ -508,6 +509,7 @@ class IndexRefresher:
 
     _COUNTERS = (
         "_last_step",
+        "_last_reassigned",
         "_refresh_count",
         "_skipped",
         "_failures",
@@ -559,6 +561,7 @@ class IndexRefresher:
                 "index/in_flight": int(self._in_flight is not None or self._pending is not None),
                 "index/build_seconds": self._build_seconds,
                 "index/last_refresh_seconds": self._last_refresh_seconds,
+                "index/last_reassigned_rows": self._last_reassigned,
                 "index/total_refresh_seconds": self._total_refresh_seconds,
                 "index/total_wait_seconds": self._total_wait_seconds,
             }
@@ -606,8 +609,8 @@ class IndexRefresher:
         index.load_state_dict(current.state_dict(with_vectors=False))
         if request.kind == "retrain":
             index.retrain(request.xb, request.step)
-        else:
-            index.re_add(request.xb, request.step)
+        else:  # the rows that did not change keep the published index's lists
+            index.re_add(request.xb, request.step, reference=current)
         seconds = time.perf_counter() - start
         with self._cond:
             self._index = index
@@ -615,6 +618,7 @@ class IndexRefresher:
             self._count_by_kind[request.kind] += 1
             self._last_refresh_seconds = seconds
             self._total_refresh_seconds += seconds
+            self._last_reassigned = index.last_reassigned
         logger.debug(  # every refresh is also recorded in metrics.jsonl (index/...)
             "index %s published: version=%d (%s, %.3f s)",
             request.kind,

@@ -133,7 +133,7 @@ class GatedIndex(ItemIndex):
     gate = threading.Event()
     started = threading.Event()
 
-    def re_add(self, xb, step, ids=None):
+    def re_add(self, xb, step, ids=None, reference=None):
         GatedIndex.started.set()
         assert GatedIndex.gate.wait(timeout=30)
-        super().re_add(xb, step, ids)
+        super().re_add(xb, step, ids, reference)

@@ -110,6 +110,34 @@ def test_re_add_with_unchanged_embeddings_reproduces_search_exactly(mixture, que
     assert torch.equal(I0, I2) and torch.equal(D0, D2)
 
 
+@pytest.mark.parametrize("backend", ["faiss", "torch_ivf"])
+@pytest.mark.parametrize("metric", ["ip", "l2_augmented"])
+def test_re_add_assigns_only_the_rows_that_changed_and_equals_a_full_re_add(
+    backend, metric, mixture, queries
+):
+    index = ItemIndex(D_MODEL, nlist=32, nprobe=4, backend=backend, metric=metric)
+    index.build(mixture, ids=torch.arange(len(mixture)), step=0)
+    g = torch.Generator().manual_seed(5)
+    moved = mixture.clone()
+    rows = torch.randperm(len(mixture), generator=g)[:150]
+    moved[rows] += 0.5 * torch.randn(len(rows), D_MODEL, generator=g)
+    moved[rows[:10]] = mixture[torch.randint(0, len(mixture), (10,), generator=g)]  # new clusters
+    index.re_add(moved, step=1)
+    assert index.last_reassigned == 150
+    # the same centroids and embeddings, every row assigned afresh
+    full = ItemIndex(D_MODEL, nlist=32, nprobe=4, backend=backend, metric=metric)
+    full.load_state_dict(index.state_dict(with_vectors=False))
+    full.re_add(moved, step=1)
+    assert full.last_reassigned == len(mixture)
+    assert torch.equal(index.contents.assignment(), full.contents.assignment())
+    D, I = index.search(queries, 15)
+    D_full, I_full = full.search(queries, 15)
+    assert torch.equal(I, I_full) and torch.equal(D, D_full)
+    index.re_add(moved, step=2)  # nothing moved since
+    assert index.last_reassigned == 0
+    assert torch.equal(index.search(queries, 15)[1], I_full)
+
+
 def test_re_add_follows_moved_embeddings(mixture, queries):
     index = faiss_index(nprobe=32).build(mixture, ids=torch.arange(len(mixture)))
     moved = mixture.flip(0)  # same vectors, different items

@@ -212,6 +212,23 @@ def test_refresher_publishes_each_kind_with_its_version(asynchronous):
             assert stats["index/total_wait_seconds"] >= stats["index/total_refresh_seconds"]
 
 
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_re_add_assigns_only_the_rows_changed_since_the_published_index(asynchronous):
+    with IndexRefresher(exact_factory, asynchronous=asynchronous) as refresher:
+        table = embeddings_at(0)
+        refresher.build(table, ids=torch.arange(N), step=0)
+        table = table.clone()
+        table[:37] += 1.0  # a sparse update: 37 rows moved
+        refresher.request("re_add", table, step=1)
+        refresher.wait()
+        assert refresher.stats()["index/last_reassigned_rows"] == 37
+        D, I = refresher.current().search(table[:5], 10)  # nprobe == nlist: exact
+        assert torch.equal(I, exact_topk(table[:5], table, 10)[1])
+        refresher.request("retrain", table, step=2)  # new centroids: every row
+        refresher.wait()
+        assert refresher.stats()["index/last_reassigned_rows"] == N
+
+
 def gated_factory() -> ItemIndex:
     return GatedIndex(DIM, nlist=NLIST, nprobe=NLIST, backend="faiss", kmeans_iters=3)
 

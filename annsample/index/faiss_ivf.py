@@ -77,6 +77,10 @@ class FaissIVF:
             [invlists.list_size(i) for i in range(self.ivf.nlist)], dtype=torch.int64
         )
 
+    def assignment(self) -> torch.Tensor:
+        """(N,) int64 the list of every row, in row order."""
+        return torch.from_numpy(ivf_assignment(self.ivf, self.ntotal))
+
 
 class FaissGpuIVF:
     """A FAISS GPU IVF index (the ``faiss-gpu`` backend's contents); queries go in from the host."""
@@ -101,25 +105,43 @@ class FaissGpuIVF:
     def vectors(self) -> torch.Tensor:
         return self.to_cpu().vectors()
 
+    def assignment(self) -> torch.Tensor:
+        return self.to_cpu().assignment()
+
     def list_sizes(self) -> torch.Tensor:
         return self.to_cpu().list_sizes()
 
 
+def assign_rows(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
+    """(n,) int64 the list of every row of ``x`` (n, d'), as :func:`build_store` assigns them."""
+    return nearest_centroid(x, centroids.to(x.device), l2=metric == "l2_augmented")
+
+
 def build_store(
-    stored: torch.Tensor, centroids: torch.Tensor, metric: str, aliased: bool = False
+    stored: torch.Tensor,
+    centroids: torch.Tensor,
+    metric: str,
+    aliased: bool = False,
+    assign: torch.Tensor | None = None,
 ) -> FaissIVF:
-    """The ``faiss`` backend of ItemIndex: an IndexIVFFlat over ``stored`` (N, d') (a copy)."""
-    assign = nearest_centroid(stored, centroids.to(stored.device), l2=metric == "l2_augmented")
+    """The ``faiss`` backend of ItemIndex: an IndexIVFFlat over ``stored`` (N, d') (a copy), with
+    lists ``assign`` (N,) when given (else each row's nearest centroid)."""
+    if assign is None:
+        assign = assign_rows(stored, centroids, metric)
     ivf = ivf_from_assignment(stored.cpu(), centroids, assign.cpu(), metric)
     return FaissIVF(ivf, stored.shape[0])
 
 
 def build_gpu_store(
-    stored: torch.Tensor, centroids: torch.Tensor, metric: str, aliased: bool = False
+    stored: torch.Tensor,
+    centroids: torch.Tensor,
+    metric: str,
+    aliased: bool = False,
+    assign: torch.Tensor | None = None,
 ) -> FaissGpuIVF:
     """The ``faiss-gpu`` backend: the CPU index of :func:`build_store` copied to ``stored``'s GPU."""
     device = stored.device.index if stored.is_cuda else torch.cuda.current_device()
-    return FaissGpuIVF(build_store(stored, centroids, metric), device)
+    return FaissGpuIVF(build_store(stored, centroids, metric, assign=assign), device)
 
 
 def ivf_from_assignment(
@@ -148,6 +170,17 @@ def ivf_from_assignment(
     assign_np = np.ascontiguousarray(assign.numpy(), dtype=np.int64)
     ivf.add_core(n, faiss.swig_ptr(x), faiss.swig_ptr(positions), faiss.swig_ptr(assign_np))
     return ivf
+
+
+def ivf_assignment(ivf: Any, n: int) -> np.ndarray:
+    """(n,) int64 the list of every row of an IndexIVFFlat whose ids are row positions."""
+    invlists = faiss.downcast_InvertedLists(ivf.invlists)
+    out = np.empty(n, dtype=np.int64)
+    for list_no in range(ivf.nlist):
+        size = invlists.list_size(list_no)
+        if size:
+            out[faiss.rev_swig_ptr(invlists.get_ids(list_no), size)] = list_no
+    return out
 
 
 def ivf_vectors(ivf: Any, n: int) -> np.ndarray:

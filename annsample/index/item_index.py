@@ -150,6 +150,7 @@ class ItemIndex:
         self._resolved: str | None = None if backend == "auto" else backend
         self._nprobe = self._check_nprobe(nprobe)
         self._contents: _Contents | None = None
+        self.last_reassigned = 0  # rows the last build / refresh assigned to lists
 
     # ----------------------------------------------------------------------------- properties
 
@@ -242,16 +243,32 @@ class ItemIndex:
             ]
             centroids = self._kmeans(train, init)
         self._contents = self._fill(stored, centroids, ids, norms, max_norm, step)
+        self.last_reassigned = stored.shape[0]
         self._log("build", start)
         return self
 
-    def re_add(self, xb: torch.Tensor, step: int, ids: torch.Tensor | None = None) -> None:
-        """Keep the centroids; re-assign and re-add all rows of ``xb`` (the cheap refresh tier).
+    def re_add(
+        self,
+        xb: torch.Tensor,
+        step: int,
+        ids: torch.Tensor | None = None,
+        reference: ItemIndex | None = None,
+    ) -> None:
+        """Keep the centroids; re-add all rows of ``xb`` (the cheap refresh tier).
+
+        Every stored vector is replaced. Only the rows that changed since the current version are
+        assigned to lists again: the others keep their list, which is the one a full assignment
+        would give them (same vector, same centroids). With sparse gradients most rows of a large
+        table do not change between refreshes, and the assignment (2·N·nlist·d FLOPs) is most of a
+        re-add's cost; ``last_reassigned`` says how many rows were assigned.
 
         Args:
             xb: (N, d) float32 current item embeddings.
             step: the training step these embeddings come from; becomes ``version``.
             ids: (N,) int64 ids; default: the ids of the current contents (same N required).
+            reference: the index whose stored vectors and lists the unchanged rows are found in
+                (default: this one); a refresher builds each version in a new index with the
+                published one's centroids and passes the published one here.
         """
         start, xb, step = self._begin(xb, step, clusters=False)
         contents, ids = self._refresh_inputs("re_add", xb, ids)
@@ -261,8 +278,45 @@ class ItemIndex:
         stored, norms, max_norm = self._transform(
             self._to_compute_device(xb), max_norm=contents.max_norm
         )
-        self._contents = self._fill(stored, contents.centroids, ids, norms, max_norm, step)
+        previous = contents if reference is None else reference._contents
+        assign = self._reassign(contents, previous, stored, ids)
+        self._contents = self._fill(
+            stored, contents.centroids, ids, norms, max_norm, step, assign=assign
+        )
         self._log("re_add", start)
+
+    def _reassign(
+        self,
+        contents: _Contents,
+        previous: _Contents | None,
+        stored: torch.Tensor,
+        ids: torch.Tensor,
+    ) -> torch.Tensor | None:
+        """The lists of ``stored``'s rows for a re-add: ``previous``'s lists, with the rows whose
+        stored vector changed assigned again; None (assign every row) when ``previous`` holds
+        other rows or other centroids, or the backend has no lists."""
+        store = None if previous is None else previous.store
+        reusable = (
+            self._resolved != "exact"
+            and store is not None
+            and previous.ntotal == stored.shape[0]
+            and previous.max_norm == contents.max_norm
+            and torch.equal(previous.ids, ids.to(previous.ids.device))
+            and torch.equal(previous.centroids, contents.centroids)
+        )
+        if not reusable:
+            self.last_reassigned = stored.shape[0]
+            return None
+        previous = store.vectors().to(stored.device)
+        changed = (previous != stored).any(dim=1).nonzero().squeeze(1)
+        assign = store.assignment().to(stored.device)
+        if changed.numel():
+            builder = torch_ivf if self._resolved == "torch_ivf" else faiss_ivf
+            assign[changed] = builder.assign_rows(
+                stored[changed], contents.centroids, self.metric
+            ).to(assign.device)
+        self.last_reassigned = int(changed.numel())
+        return assign
 
     def retrain(self, xb: torch.Tensor, step: int, ids: torch.Tensor | None = None) -> None:
         """Re-run k-means warm-started from the current centroids, then add (the expensive tier).
@@ -281,6 +335,7 @@ class ItemIndex:
                 init = clustering.shift_augmented_centroids(init, contents.max_norm, max_norm)
             centroids = self._kmeans(train, init)
         self._contents = self._fill(stored, centroids, ids, norms, max_norm, step)
+        self.last_reassigned = stored.shape[0]
         self._log("retrain", start)
 
     # ----------------------------------------------------------------------------- search
@@ -536,16 +591,22 @@ class ItemIndex:
         max_norm: float | None,
         version: int,
         owned: bool = False,
+        assign: torch.Tensor | None = None,
     ) -> _Contents:
         """New contents holding ``stored`` (N, d'); the caller swaps them in with one assignment.
 
-        ``owned`` says ``stored`` is already a private copy (the exact backend keeps it as is).
+        ``owned`` says ``stored`` is already a private copy (the exact backend keeps it as is);
+        ``assign`` (N,) gives the IVF list of every row (default: each row's nearest centroid).
         """
         assert self._resolved is not None
         if self._resolved != "exact":
             assert centroids is not None
         aliased = self.metric == "ip" and not owned  # stored may be the caller's training table
-        store = BACKEND_BUILDERS[self._resolved](stored, centroids, self.metric, aliased)
+        builder = BACKEND_BUILDERS[self._resolved]
+        if assign is None:
+            store = builder(stored, centroids, self.metric, aliased)
+        else:
+            store = builder(stored, centroids, self.metric, aliased, assign=assign)
         device = store.device
         norms = None if norms is None else norms.to(device)
         return _Contents(

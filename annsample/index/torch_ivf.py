@@ -119,17 +119,35 @@ class InvertedLists:
         out[self.rows] = self.xb
         return out
 
+    def assignment(self) -> torch.Tensor:
+        """(N,) int64 the list of every row, in original row order."""
+        lists = torch.arange(self.nlist, device=self.device)
+        out = torch.empty(self.ntotal, dtype=torch.int64, device=self.device)
+        out[self.rows] = torch.repeat_interleave(lists, self.list_sizes())
+        return out
+
     def search(self, xq: torch.Tensor, k: int, nprobe: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The backend search of :class:`annsample.index.ItemIndex`: see :func:`search_inverted_lists`."""
         return search_inverted_lists(self, xq, k, nprobe)
 
 
+def assign_rows(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
+    """(n,) int64 the list of every row of ``x`` (n, d'), as :func:`build_store` assigns them."""
+    centroids = centroids.to(device=x.device, dtype=torch.float32).contiguous()
+    return assign_to_lists(x, centroids, l2=metric == "l2_augmented")
+
+
 def build_store(
-    stored: torch.Tensor, centroids: torch.Tensor, metric: str, aliased: bool = False
+    stored: torch.Tensor,
+    centroids: torch.Tensor,
+    metric: str,
+    aliased: bool = False,
+    assign: torch.Tensor | None = None,
 ) -> InvertedLists:
     """The ``torch_ivf`` backend of ItemIndex: lists over ``stored`` (N, d') on its device (a copy,
-    so ``aliased`` needs nothing); the coarse quantizer is L2 for metric "l2_augmented"."""
-    return build_inverted_lists(stored, centroids, l2=metric == "l2_augmented")
+    so ``aliased`` needs nothing), with lists ``assign`` (N,) when given; the coarse quantizer is
+    L2 for metric "l2_augmented"."""
+    return build_inverted_lists(stored, centroids, l2=metric == "l2_augmented", assign=assign)
 
 
 def build_inverted_lists(
