@@ -78,6 +78,8 @@ class RefreshPolicy:
         asynchronous: build on a background thread from a snapshot and swap atomically, so the
             step does not wait; the index then lags by the build time.
         drift_threshold, recall_threshold, check_every: the adaptive schedule's settings.
+        retrain_below: "steps" only: a refresh is a retrain when the index recall, measured on
+            ``step(probe_queries=...)`` just before it, is below this (0 = never).
         worker_threads: FAISS threads on the background thread (None = FAISS's default).
     """
 
@@ -88,6 +90,7 @@ class RefreshPolicy:
     drift_threshold: float | None = None
     recall_threshold: float | None = None
     check_every: int = 50
+    retrain_below: float = 0.0
     worker_threads: int | None = None
 
     def __post_init__(self) -> None:
@@ -102,6 +105,7 @@ class RefreshPolicy:
             drift_threshold=self.drift_threshold,
             recall_threshold=self.recall_threshold,
             check_every=self.check_every,
+            retrain_below=self.retrain_below,
         )
 
 
@@ -642,11 +646,17 @@ class NegativeSampler:
             if "drift" not in measured and self._built is not None:
                 now = self._snapshot(self._current(True))  # a tower is re-encoded to measure it
                 measured["drift"] = embedding_drift(now, self._built)
-            if "recall" not in measured and self.policy.recall_threshold is not None:
+            reads_recall = self.policy.recall_threshold is not None or self.policy.retrain_below
+            if "recall" not in measured and reads_recall:
                 if probe_queries is None:
+                    which, every = (
+                        ("recall_threshold", self.policy.check_every)
+                        if self.policy.recall_threshold is not None
+                        else ("retrain_below", self.policy.every)
+                    )
                     raise SamplerError(
-                        f"RefreshPolicy(recall_threshold=...) checks index recall every "
-                        f"{self.policy.check_every} steps, and step {step} is one: pass "
+                        f"RefreshPolicy({which}=...) checks index recall every "
+                        f"{every} steps, and step {step} is one: pass "
                         "step(probe_queries=...) with (Q, d) hidden states of held-out users, or "
                         "stats={'recall': ...}"
                     )

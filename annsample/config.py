@@ -58,6 +58,9 @@ class IndexConfig:
     refresh: str = "steps"  # "steps", "epoch", "never", "adaptive"
     refresh_every: int = 10  # steps between refreshes for refresh == "steps"
     retrain_every: int = 10  # every M-th refresh re-runs k-means, warm-started (0 = never)
+    # steps schedule: a refresh is a retrain when the index recall@k measured just before it is
+    # below this (0 = never; the probe then also runs at every refresh step)
+    retrain_below: float = 0.0
     asynchronous: bool = False
     drift_threshold: float = 0.05  # adaptive schedule
     recall_threshold: float = 0.0  # adaptive schedule (0 = not used)
@@ -395,6 +398,7 @@ _SAMPLER_KEY_USERS: dict[str, tuple[str, ...]] = {
 _REFRESH_KEY_USERS: dict[str, tuple[str, ...]] = {
     "refresh_every": ("steps",),
     "retrain_every": ("steps", "epoch", "adaptive"),
+    "retrain_below": ("steps",),
     "asynchronous": ("steps", "epoch", "adaptive"),
     "drift_threshold": ("adaptive",),
     "recall_threshold": ("adaptive",),

@@ -60,31 +60,53 @@ def _kind(refresh_number: int, retrain_every: int) -> str:
 
 @dataclass(frozen=True)
 class EveryNSteps:
-    """Refresh at steps n, 2n, 3n, ...; every ``retrain_every``-th of them is a retrain.
+    """Refresh at steps n, 2n, 3n, ...; every ``retrain_every``-th of them is a retrain, and so is
+    any whose index recall, measured just before it, is below ``retrain_below`` (0 = never).
 
-    Stateless: the refresh number is step // n, so the answer depends on the step alone.
+    A re-add keeps the centroids (and the l2_augmented norm bound) the index was trained with;
+    early in training, when the item vectors leave their initial cloud, that caps the recall
+    a re-add can give (docs/results.md, "Index recall at a million items"), and ``retrain_below``
+    retrains exactly while it does. Stateless: the refresh number is step // n, so the answer
+    depends on the step (and the recall given) alone.
 
     >>> schedule = EveryNSteps(100, retrain_every=3)
     >>> [schedule.should_refresh(s) for s in (99, 100, 200, 300)]
     [None, 're_add', 're_add', 'retrain']
+    >>> EveryNSteps(100, retrain_below=0.8).should_refresh(100, stats={"recall": 0.5})
+    'retrain'
     """
 
     n: int
     retrain_every: int = 0
+    retrain_below: float = 0.0
 
     def __post_init__(self) -> None:
         _check_count(self.n, "EveryNSteps n", 1)
         _check_count(self.retrain_every, "retrain_every", 0)
+        if not 0.0 <= self.retrain_below <= 1.0:
+            raise ConfigError(
+                f"retrain_below must be in [0, 1] (0 = never), got {self.retrain_below!r}"
+            )
 
     def should_refresh(
         self, step: int, epoch_end: bool = False, stats: Mapping[str, float] | None = None
     ) -> str | None:
         if epoch_end or step <= 0 or step % self.n:  # the step itself was already asked about
             return None
-        return _kind(step // self.n, self.retrain_every)
+        kind = _kind(step // self.n, self.retrain_every)
+        if self.retrain_below and kind == "re_add":
+            if stats is None or "recall" not in stats:
+                raise ConfigError(
+                    f"EveryNSteps(retrain_below=...) needs stats['recall'] at every refresh step "
+                    f"(step {step}): measure it with recall_at_k(index I, exact_topk I) when "
+                    "needs_stats(step) is true, or drop retrain_below"
+                )
+            if float(stats["recall"]) < self.retrain_below:
+                kind = "retrain"
+        return kind
 
     def needs_stats(self, step: int) -> bool:
-        return False
+        return bool(self.retrain_below) and step > 0 and step % self.n == 0
 
 
 class EveryEpoch:
@@ -233,11 +255,14 @@ def schedule_for(
     drift_threshold: float | None = None,
     recall_threshold: float | None = None,
     check_every: int = 50,
+    retrain_below: float = 0.0,
 ) -> RefreshSchedule:
     """The schedule named ``kind`` from the settings a run config or a RefreshPolicy holds (each
     kind takes the ones it uses: "steps" every N steps, "epoch", "never", "adaptive")."""
     if kind == "steps":
-        return make_schedule("steps", n=every, retrain_every=retrain_every)
+        return make_schedule(
+            "steps", n=every, retrain_every=retrain_every, retrain_below=retrain_below
+        )
     if kind == "epoch":
         return make_schedule("epoch", retrain_every=retrain_every)
     if kind == "adaptive":
@@ -267,6 +292,7 @@ def make_refresh_schedule(config: RunConfig) -> RefreshSchedule:
         drift_threshold=ic.drift_threshold or None,
         recall_threshold=ic.recall_threshold or None,
         check_every=ic.check_every,
+        retrain_below=ic.retrain_below,
     )
 
 

@@ -368,6 +368,20 @@ def test_the_adaptive_policy_refreshes_when_probe_recall_drops():
             sampler.step()
 
 
+def test_retrain_below_retrains_when_the_probe_recall_before_a_refresh_is_low():
+    items = item_table()
+    probes = torch.randn(16, D, generator=torch.Generator().manual_seed(4))
+    policy = RefreshPolicy(every=1, retrain_every=0, retrain_below=0.9)
+    with small_sampler(items, nprobe=4, refresh=policy) as sampler:
+        assert sampler.step(probe_queries=probes)["index/refresh"] == "re_add"  # recall 1.0
+        with torch.no_grad():
+            items.copy_(item_table(seed=9))
+        stale = sampler.step(probe_queries=probes)
+        assert stale["index/refresh"] == "retrain" and stale["index/recall"] < 0.9
+        with pytest.raises(SamplerError, match=r"RefreshPolicy\(retrain_below=...\)"):
+            sampler.step()
+
+
 def test_an_item_tower_is_re_encoded_at_every_refresh():
     tower = torch.nn.Linear(4, D)
     features = torch.randn(N + 1, 4)

@@ -494,6 +494,11 @@ def test_any_text_gives_a_config_or_a_config_error(text):
             "sampler.index.refresh=epoch",
         ),
         (
+            {"sampler": {"name": "ann", "index": {"refresh": "epoch", "retrain_below": 0.8}}},
+            "sampler.index.retrain_below",
+            "sampler.index.refresh=epoch",
+        ),
+        (
             {"sampler": {"name": "ann", "index": {"refresh": "never", "retrain_every": 3}}},
             "sampler.index.retrain_every",
             "sampler.index.refresh=never",

@@ -64,6 +64,18 @@ def test_step_schedules_fire_exactly_at_the_right_steps(schedule, expected):
     assert fires(schedule, range(0, 13)) == expected
 
 
+def test_a_step_schedule_retrains_when_the_recall_before_a_refresh_is_low():
+    schedule = EveryNSteps(5, retrain_every=3, retrain_below=0.8)
+    assert [schedule.needs_stats(s) for s in (0, 4, 5, 6, 10)] == [False, False, True, False, True]
+    assert schedule.should_refresh(5, stats={"recall": 0.79}) == "retrain"
+    assert schedule.should_refresh(5, stats={"recall": 0.8}) == "re_add"
+    assert schedule.should_refresh(15, stats={"recall": 0.95}) == "retrain"  # every 3rd still
+    assert schedule.should_refresh(7, stats={"recall": 0.1}) is None  # not a refresh step
+    with pytest.raises(ConfigError, match=r"needs stats\['recall'\] at every refresh step"):
+        schedule.should_refresh(10)
+    assert not EveryNSteps(5).needs_stats(5)  # without it nothing is measured for the schedule
+
+
 @pytest.mark.parametrize(
     ("retrain_every", "expected"),
     [
@@ -160,6 +172,7 @@ def test_make_schedule_builds_each_kind():
         ("steps", {"n": 0}, "EveryNSteps n must be an integer >= 1, got 0"),
         ("epoch", {"retrain_every": -1}, "retrain_every must be an integer >= 0, got -1"),
         ("adaptive", {}, "Adaptive needs drift_threshold or recall_threshold"),
+        ("steps", {"n": 5, "retrain_below": 1.5}, r"retrain_below must be in \[0, 1\]"),
         ("adaptive", {"recall_threshold": 1.5}, r"recall_threshold must be in \(0, 1\]"),
         (
             "adaptive",

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import REPO, TINY, metrics_records
+from conftest import REPO, TINY, TINY_ANN, metrics_records
 
 from annsample import checkpoint as ckpt
 from annsample import staleness
@@ -193,6 +193,23 @@ def test_a_warmup_share_alone_blends_from_the_first_step(tmp_path, monkeypatch):
     )  # fmt: skip
     seen = served_samplers(monkeypatch, tmp_path, settings)
     assert [(name, share) for _, name, share in seen] == [("BlendSampler", 0.5)] * 2
+
+
+def test_retrain_below_retrains_exactly_when_the_recall_before_a_refresh_is_low(
+    tmp_path, monkeypatch
+):
+    monkeypatch.chdir(REPO)
+    settings = (
+        *TINY_ANN, "train.epochs=2", "train.max_steps_per_epoch=6", "train.num_threads=1",
+        "sampler.index.retrain_every=0", "sampler.index.retrain_below=0.7",
+        "sampler.index.probe_every=0",
+    )  # fmt: skip
+    train_mod.train(load_config(TINY, settings), tmp_path / "run")
+    refreshes = [r for r in metrics_records(tmp_path / "run") if r.get("index/refresh")]
+    assert len(refreshes) == 4  # steps 3, 6, 9, 12
+    for record in refreshes:
+        low = record["index/recall@k"] < 0.7
+        assert record["index/refresh"] == ("retrain" if low else "re_add"), record
 
 
 # --------------------------------------------------------------------------- recipe knobs
