@@ -798,6 +798,17 @@ def test_catalog_size_preset_validates_every_epoch_of_its_budget():
         config = load_config(None, preset=catalog_overrides(n_items))
         assert config.train.eval_every == 1
         assert config.train.max_steps_per_epoch == 250
+        # the ann sampler mixed with popularity negatives, the variant measured best there
+        assert (config.sampler.name, config.sampler.warmup_sampler) == ("ann", "popularity")
+        assert config.sampler.warmup_share == 0.5
+    # a logQ-corrected sampled softmax cannot read a blend: one clear error naming the way out
+    with pytest.raises(ConfigError, match="sampler.warmup_share=0"):
+        load_config(None, ("loss.name=sampled_softmax",), preset=catalog_overrides(100_000))
+    load_config(
+        None,
+        ("loss.name=sampled_softmax", "sampler.warmup_share=0"),
+        preset=catalog_overrides(100_000),
+    )
 
 
 def test_beta_is_read_by_a_popularity_warmup():
