@@ -559,7 +559,8 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
         overrides += [
             "sampler.name=ann",
             # half of every step's negatives popularity-weighted, half GenNi from the index:
-            # at 100k and 1M this tested 1.8x / 6.5x the pure ann sampler (docs/results.md)
+            # at 100k and 1M this tested 1.8x / 6.5x the pure ann sampler (docs/results.md;
+            # popularity alone still leads at 1M within the budget)
             "sampler.warmup_sampler=popularity",
             "sampler.warmup_share=0.5",
             "sampler.query=sequence",
