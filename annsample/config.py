@@ -566,6 +566,8 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
             "sampler.query=sequence",
             "sampler.index.nprobe=16",  # default_nprobe (nlist / 8) costs too much per step here
             "sampler.index.refresh_every=100",  # a 1M re-add takes ~1 s: every 10 steps is too often
+            # retrain while the probed recall is below 0.5 (the step-0 centroids cap it at ~0.25)
+            "sampler.index.retrain_below=0.5",
             "model.sparse_embeddings=true",
             "data.max_len=20",
             "train.eval_users=1000",

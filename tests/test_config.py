@@ -801,6 +801,7 @@ def test_catalog_size_preset_validates_every_epoch_of_its_budget():
         # the ann sampler mixed with popularity negatives, the variant measured best there
         assert (config.sampler.name, config.sampler.warmup_sampler) == ("ann", "popularity")
         assert config.sampler.warmup_share == 0.5
+        assert config.sampler.index.retrain_below == 0.5
     # a logQ-corrected sampled softmax cannot read a blend: one clear error naming the way out
     with pytest.raises(ConfigError, match="sampler.warmup_share=0"):
         load_config(None, ("loss.name=sampled_softmax",), preset=catalog_overrides(100_000))
