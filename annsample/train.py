@@ -221,9 +221,7 @@ def _setup_sampler(run: Training, built: bool) -> None:
     run.sampler = build_sampler(config.sampler, prepared.popularity, run.refresher)
     sc = config.sampler
     if sc.warmup_steps or sc.warmup_blend_steps or sc.warmup_share:
-        run.warmup = make_sampler(
-            config.sampler.warmup_sampler, popularity=prepared.popularity, beta=config.sampler.beta
-        )
+        run.warmup = make_sampler(sc.warmup_sampler, popularity=prepared.popularity, beta=sc.beta)
     if run.refresher is not None:
         ic = config.sampler.index
         probe_inputs, exclusions = probe_set(prepared, config, run.device)

@@ -354,31 +354,38 @@ def test_the_adaptive_policy_refreshes_when_the_table_drifts():
     assert moved["index/refresh"] == "re_add" and moved["index/drift"] == pytest.approx(2.0)
 
 
-def test_the_adaptive_policy_refreshes_when_probe_recall_drops():
+@pytest.mark.parametrize(
+    ("policy", "fresh", "stale_kind", "missing_probes"),
+    [
+        # adaptive: refresh only when recall drops
+        (
+            RefreshPolicy(schedule="adaptive", recall_threshold=0.9, check_every=1),
+            None,
+            "re_add",
+            r"pass step\(probe_queries=...\)",
+        ),
+        # steps with retrain_below: refresh every step, a retrain when recall is low
+        (
+            RefreshPolicy(every=1, retrain_every=0, retrain_below=0.9),
+            "re_add",
+            "retrain",
+            r"RefreshPolicy\(retrain_below=...\)",
+        ),
+    ],
+    ids=["adaptive", "retrain_below"],
+)
+def test_a_policy_reading_probe_recall_acts_when_it_drops(
+    policy, fresh, stale_kind, missing_probes
+):
     items = item_table()
     probes = torch.randn(16, D, generator=torch.Generator().manual_seed(4))
-    policy = RefreshPolicy(schedule="adaptive", recall_threshold=0.9, check_every=1)
     with small_sampler(items, nprobe=4, refresh=policy) as sampler:
-        assert sampler.step(probe_queries=probes)["index/refresh"] is None  # recall 1.0
+        assert sampler.step(probe_queries=probes)["index/refresh"] == fresh  # recall 1.0
         with torch.no_grad():
             items.copy_(item_table(seed=9))
         stale = sampler.step(probe_queries=probes)
-        assert stale["index/refresh"] == "re_add" and stale["index/recall"] < 0.9
-        with pytest.raises(SamplerError, match=r"pass step\(probe_queries=...\)"):
-            sampler.step()
-
-
-def test_retrain_below_retrains_when_the_probe_recall_before_a_refresh_is_low():
-    items = item_table()
-    probes = torch.randn(16, D, generator=torch.Generator().manual_seed(4))
-    policy = RefreshPolicy(every=1, retrain_every=0, retrain_below=0.9)
-    with small_sampler(items, nprobe=4, refresh=policy) as sampler:
-        assert sampler.step(probe_queries=probes)["index/refresh"] == "re_add"  # recall 1.0
-        with torch.no_grad():
-            items.copy_(item_table(seed=9))
-        stale = sampler.step(probe_queries=probes)
-        assert stale["index/refresh"] == "retrain" and stale["index/recall"] < 0.9
-        with pytest.raises(SamplerError, match=r"RefreshPolicy\(retrain_below=...\)"):
+        assert stale["index/refresh"] == stale_kind and stale["index/recall"] < 0.9
+        with pytest.raises(SamplerError, match=missing_probes):
             sampler.step()
 
 

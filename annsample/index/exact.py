@@ -121,8 +121,13 @@ class ExactVectors:
 
 
 def build_store(
-    stored: torch.Tensor, centroids: torch.Tensor | None, metric: str, aliased: bool = False
+    stored: torch.Tensor,
+    centroids: torch.Tensor | None,
+    metric: str,
+    aliased: bool = False,
+    assign: torch.Tensor | None = None,
 ) -> ExactVectors:
     """The ``exact`` backend of ItemIndex over ``stored`` (N, d'); ``aliased`` means ``stored`` is
-    the caller's table, which keeps training, so it is copied."""
+    the caller's table, which keeps training, so it is copied. It has no lists, so ``assign`` is
+    None (the builders share one signature)."""
     return ExactVectors(stored.clone() if aliased else stored)

@@ -307,8 +307,7 @@ class ItemIndex:
         if not reusable:
             self.last_reassigned = stored.shape[0]
             return None
-        previous = store.vectors().to(stored.device)
-        changed = (previous != stored).any(dim=1).nonzero().squeeze(1)
+        changed = (store.vectors().to(stored.device) != stored).any(dim=1).nonzero().squeeze(1)
         assign = store.assignment().to(stored.device)
         if changed.numel():
             builder = torch_ivf if self._resolved == "torch_ivf" else faiss_ivf
@@ -602,11 +601,9 @@ class ItemIndex:
         if self._resolved != "exact":
             assert centroids is not None
         aliased = self.metric == "ip" and not owned  # stored may be the caller's training table
-        builder = BACKEND_BUILDERS[self._resolved]
-        if assign is None:
-            store = builder(stored, centroids, self.metric, aliased)
-        else:
-            store = builder(stored, centroids, self.metric, aliased, assign=assign)
+        store = BACKEND_BUILDERS[self._resolved](
+            stored, centroids, self.metric, aliased, assign=assign
+        )
         device = store.device
         norms = None if norms is None else norms.to(device)
         return _Contents(
