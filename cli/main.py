@@ -653,7 +653,7 @@ _METRIC_CHOICE = click.Choice(["ip", "l2_augmented", "cosine"])
 
 
 @bench.command("index")
-@click.argument("probe_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("probe", type=click.Path(exists=True, path_type=Path))
 @_count_option("--k", "k", default=200)
 @click.option("--nlist", "nlists", multiple=True, type=click.IntRange(min=1), help="Repeatable.")
 @click.option("--nprobe", "nprobes", multiple=True, type=click.IntRange(min=1), help="Repeatable.")
@@ -668,28 +668,71 @@ _METRIC_CHOICE = click.Choice(["ip", "l2_augmented", "cosine"])
     "--kind",
     "kinds",
     multiple=True,
-    type=click.Choice(["ivf_flat", "ivf_hnsw", "hnsw", "exact"]),
+    type=click.Choice(["ivf_flat", "ivf_hnsw", "ivf_pq", "hnsw", "exact"]),
     help="Index kinds (repeatable; default ivf_flat).",
 )
 @click.option("--ef-search", "ef_searches", multiple=True, type=click.IntRange(min=1))
+@click.option(
+    "--pq-m", type=click.IntRange(min=1), help="ivf_pq: bytes per item (must divide d; default 16)."
+)
+@click.option(
+    "--refine",
+    "refines",
+    multiple=True,
+    type=click.IntRange(min=1),
+    help="ivf_pq: rescore the refine x k best PQ candidates exactly (repeatable; default 2 4).",
+)
+@click.option(
+    "--probe-queries",
+    type=click.IntRange(min=1),
+    help="With a run folder: validation users whose hidden states are the queries (default 256).",
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), help="torch and FAISS threads (default: torch's)."
+)
 @_json_option(help=None)
 @_user_errors
 def bench_index_command(
-    probe_file: Path,
+    probe: Path,
     k: int,
     nlists: tuple[int, ...],
     nprobes: tuple[int, ...],
     metrics: tuple[str, ...],
     kinds: tuple[str, ...],
     ef_searches: tuple[int, ...],
+    pq_m: int | None,
+    refines: tuple[int, ...],
+    probe_queries: int | None,
+    threads: int | None,
     json_path: Path | None,
 ) -> None:
-    """Recall@k against search ms of index configurations, on the item table and probe queries
-    saved by bench step --save-probe."""
-    from annsample.bench.index import index_sweep, load_probe, sweep_table
+    """Recall@k against search ms of index configurations, on a trained item table.
+
+    PROBE is either a file saved by bench step --save-probe, or the --out folder of a finished
+    annsample train: its best checkpoint's item table, queried by the hidden states of
+    --probe-queries validation users.
+    """
+    import torch
+
+    from annsample.bench.index import index_sweep, load_probe, probe_from_run, sweep_table
+    from annsample.index import faiss_ivf
 
     _check_writable(json_path, "--json")
-    xq, xb = load_probe(probe_file)
+    if "ivf_pq" not in kinds and (pq_m is not None or refines):
+        raise click.UsageError(
+            "--pq-m and --refine set ivf_pq only; add --kind ivf_pq or drop them"
+        )
+    if probe.is_dir():
+        xq, xb = probe_from_run(probe, probe_queries or 256)
+    elif probe_queries is not None:
+        raise click.UsageError(
+            "--probe-queries applies to a run folder; a --save-probe file holds its own queries"
+        )
+    else:
+        xq, xb = load_probe(probe)
+    if threads is not None:
+        torch.set_num_threads(threads)
+        faiss_ivf.set_threads(threads)
     records = index_sweep(
         xq,
         xb,
@@ -699,6 +742,8 @@ def bench_index_command(
         metrics=metrics or ("ip",),
         kinds=kinds or ("ivf_flat",),
         ef_searches=ef_searches or (256, 512),
+        pq_m=pq_m or 16,
+        refines=refines or (2, 4),
     )
     click.echo(sweep_table(records), nl=False)
     _write_json(json_path, records)

@@ -8,6 +8,9 @@ of sequence queries), plus what it costs to build and to refresh:
   and metric, built once and searched at every nprobe; ``re_add_seconds`` is one cheap refresh.
 - ``ivf_hnsw``: IVF-Flat whose coarse quantiser is an HNSW graph over the centroids (FAISS
   ``IndexHNSWFlat``), so large nlist stays cheap to probe and to assign.
+- ``ivf_pq``: IVF with product-quantised vectors (FAISS ``IndexIVFPQ``, ``pq_m`` bytes per item)
+  whose ``refine`` × k best candidates are rescored exactly (``IndexRefineFlat``): a cheaper scan
+  of each list, for the same lists.
 - ``hnsw``: FAISS ``IndexHNSWFlat`` over all items, at each efSearch (no lists; a refresh is a
   rebuild).
 - ``exact``: the ``ItemIndex`` exact backend (chunked matmul + top-k): recall 1 by construction,
@@ -33,7 +36,7 @@ from annsample.index import ItemIndex, exact_topk, recall_at_k
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("ivf_flat", "ivf_hnsw", "hnsw", "exact")
+KINDS = ("ivf_flat", "ivf_hnsw", "ivf_pq", "hnsw", "exact")
 
 
 def _search_ms(search, xq: torch.Tensor, k: int, repeats: int) -> tuple[float, torch.Tensor]:
@@ -65,6 +68,8 @@ def index_sweep(
     kinds: tuple[str, ...] = ("ivf_flat",),
     ef_searches: tuple[int, ...] = (256, 512),
     hnsw_m: int = 32,
+    pq_m: int = 16,
+    refines: tuple[int, ...] = (2, 4),
     repeats: int = 3,
     seed: int = 0,
     show_progress: bool = True,
@@ -80,11 +85,14 @@ def index_sweep(
         kinds: any of :data:`KINDS`.
         ef_searches: HNSW search breadth (``hnsw``; and the coarse quantiser's for ``ivf_hnsw``).
         hnsw_m: HNSW graph degree.
+        pq_m: bytes per item of ``ivf_pq`` (sub-quantisers of 8 bits; must divide d).
+        refines: ``ivf_pq`` rescoring breadth: the refine × k best PQ candidates are rescored
+            exactly.
 
     Returns:
-        One record per configuration: ``kind, nlist, nprobe, metric, ef_search, recall, search_ms``
-        (per 256 queries, median of ``repeats``), ``build_seconds`` and, for ivf_flat,
-        ``re_add_seconds``.
+        One record per configuration: ``kind, nlist, nprobe, metric, ef_search, refine,
+        recall, search_ms`` (per 256 queries, median of ``repeats``), ``build_seconds`` and, for
+        ivf_flat, ``re_add_seconds``.
     """
     bad = sorted(set(kinds) - set(KINDS))
     if bad:
@@ -93,6 +101,10 @@ def index_sweep(
     n, d = xb.shape
     if not 1 <= k <= n:
         raise ConfigError(f"k={k} must be between 1 and the number of items {n}")
+    if "ivf_pq" in kinds and d % pq_m:
+        raise ConfigError(
+            f"pq_m={pq_m} must divide the embedding size {d}; choose a divisor of {d}"
+        )
     _, I_exact = exact_topk(xq, xb, k)
     records: list[dict] = []
 
@@ -105,9 +117,15 @@ def index_sweep(
         ("ivf_flat", nlist, metric) for nlist in nlists for metric in metrics if "ivf_flat" in kinds
     ]
     jobs += [("ivf_hnsw", nlist, "ip") for nlist in nlists if "ivf_hnsw" in kinds]
+    jobs += [("ivf_pq", nlist, "ip") for nlist in nlists if "ivf_pq" in kinds]
     jobs += [("hnsw", 0, "ip")] if "hnsw" in kinds else []
     jobs += [("exact", 0, "ip")] if "exact" in kinds else []
     rows = torch.arange(n)  # results are compared with exact_topk, which returns row numbers
+    rng = np.random.default_rng(seed)
+
+    def training_sample(nlist: int) -> np.ndarray:
+        return xb.numpy()[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
+
     for kind, nlist, metric in tqdm(jobs, desc="index configs", disable=not show_progress):
         if nlist > n:
             raise ConfigError(f"nlist={nlist} is more than the {n} items; lower it")
@@ -130,9 +148,7 @@ def index_sweep(
         elif kind == "ivf_hnsw":
             quantizer = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
             ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(seed)
-            train = xb.numpy()[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
-            ivf.train(train)
+            ivf.train(training_sample(nlist))
             ivf.add(xb.numpy())
             build = time.perf_counter() - t0
             for ef in ef_searches:
@@ -144,6 +160,24 @@ def index_sweep(
                         kind=kind, nlist=nlist, nprobe=nprobe, metric=metric, ef_search=ef,
                         recall=round(recall_at_k(I, I_exact), 4), search_ms=round(ms, 3),
                         build_seconds=round(build, 3),
+                    )  # fmt: skip
+        elif kind == "ivf_pq":
+            ivf = faiss.IndexIVFPQ(
+                faiss.IndexFlatIP(d), d, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT
+            )
+            ivf.train(training_sample(max(nlist, 256)))  # also trains the 256-word codebooks
+            refined = faiss.IndexRefineFlat(ivf)
+            refined.add(xb.numpy())
+            build = time.perf_counter() - t0
+            for refine in refines:
+                refined.k_factor = float(refine)
+                for nprobe in (p for p in nprobes if p <= nlist):
+                    ivf.nprobe = nprobe
+                    ms, I = _search_ms(_faiss_search(refined), xq, k, repeats)
+                    record(
+                        kind=kind, nlist=nlist, nprobe=nprobe, metric=metric, ef_search=None,
+                        refine=refine, pq_m=pq_m, recall=round(recall_at_k(I, I_exact), 4),
+                        search_ms=round(ms, 3), build_seconds=round(build, 3),
                     )  # fmt: skip
         elif kind == "exact":
             index = ItemIndex(d, nlist=1, nprobe=1, backend="exact").build(xb, ids=rows)
@@ -171,6 +205,11 @@ def index_sweep(
 
 def load_probe(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     """Probe queries (Q, d) and item table without padding (N, d) from ``bench step --save-probe``."""
+    if Path(path).is_dir():
+        raise ConfigError(
+            f"{path} is a folder; pass a file written by annsample bench step --save-probe FILE, "
+            "or use probe_from_run for a training run folder"
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return state["queries"].float(), state["item_embeddings"][1:].float()
@@ -182,16 +221,37 @@ def load_probe(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
         ) from None
 
 
+def probe_from_run(run_dir: str | Path, queries: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Probe queries (Q, d) and item table without padding (N, d) of a finished training run.
+
+    The queries are the last hidden states of ``queries`` validation users (the staleness probe's
+    users, :func:`annsample.prepare.probe_set`) under the run's best checkpoint, on CPU; the
+    table is that checkpoint's item embeddings: the trained table an index has to serve.
+    """
+    from annsample.prepare import prepare_data, probe_set
+    from annsample.run import load_model, load_run
+
+    config, best = load_run(run_dir, (f"sampler.index.probe_queries={queries}",))
+    cpu = torch.device("cpu")
+    prepared = prepare_data(config)
+    model = load_model(config, best, prepared.n_items, cpu)
+    inputs, _ = probe_set(prepared, config, cpu)
+    with torch.no_grad():
+        xq = model.encode(inputs)[:, -1].contiguous()
+        xb = model.item_embeddings.detach()[1:].contiguous()
+    return xq, xb
+
+
 def sweep_table(records: list[dict]) -> str:
     """Markdown table of :func:`index_sweep` records."""
     lines = [
-        "| kind | nlist | nprobe | metric | efSearch | recall@k | search ms / 256 q | build s "
-        "| re_add s |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+        "| kind | nlist | nprobe | metric | efSearch | refine | recall@k | search ms / 256 q "
+        "| build s | re_add s |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in records:
         cells = [
-            r["kind"], r["nlist"], r["nprobe"], r["metric"], r["ef_search"],
+            r["kind"], r["nlist"], r["nprobe"], r["metric"], r["ef_search"], r.get("refine"),
             f"{r['recall']:.3f}", f"{r['search_ms']:.1f}", f"{r['build_seconds']:.1f}",
             r.get("re_add_seconds"),
         ]  # fmt: skip
