@@ -562,7 +562,7 @@ def catalog_overrides(n_items: int) -> tuple[str, ...]:
             # at 100k and 1M this tested 1.8x / 6.5x the pure ann sampler (docs/results.md;
             # popularity alone still leads at 1M within the budget)
             "sampler.warmup_sampler=popularity",
-            "sampler.warmup_share=0.5",
+            "sampler.warmup_share=0.5",  # dropped when --set names another sampler
             "sampler.query=sequence",
             "sampler.index.nprobe=16",  # default_nprobe (nlist / 8) costs too much per step here
             "sampler.index.refresh_every=100",  # a 1M re-add takes ~1 s: every 10 steps is too often
@@ -623,8 +623,11 @@ def config_from_dict(
     (:func:`check_ignored_settings`); a saved run's resolved config is loaded without it.
     ``preset`` overrides (e.g. :func:`catalog_overrides`) apply before ``overrides`` and count as
     defaults for that check, so ``--catalog-size 1M --set sampler.name=uniform`` is not an error
-    about the preset's ann settings.
+    about the preset's ann settings. An override that names another sampler than the preset's
+    also drops the preset's :data:`PRESET_SAMPLER_TIED` settings: a uniform baseline on the 1M
+    preset draws uniform negatives, not the preset's popularity mixture.
     """
+    preset = _preset_for_sampler(tuple(preset), overrides)
     overrides = tuple(preset) + tuple(overrides)
     if raw is None:
         raw = {}
@@ -648,6 +651,28 @@ def config_from_dict(
         reference = config_from_dict({}, overrides=preset, check_ignored=False) if preset else None
         check_ignored_settings(config, where_all, reference)
     return config
+
+
+# preset settings that belong to the preset's sampler (the ann + popularity mixture of
+# catalog_overrides): a run that names another sampler does not inherit them
+PRESET_SAMPLER_TIED = ("sampler.warmup_sampler", "sampler.warmup_share")
+
+
+def _preset_for_sampler(preset: tuple[str, ...], overrides: tuple[str, ...]) -> tuple:
+    """``preset`` without its :data:`PRESET_SAMPLER_TIED` settings when ``overrides`` name a
+    sampler other than the preset's (a config file's sampler does not: the preset overrides it)."""
+
+    def key(text: str) -> str:
+        return text.partition("=")[0].strip()
+
+    def named(texts: tuple[str, ...]) -> Any:
+        names = [parse_override(text)[1] for text in texts if key(text) == "sampler.name"]
+        return names[-1] if names else None
+
+    chosen = named(overrides)
+    if chosen is None or chosen == named(preset):
+        return preset
+    return tuple(text for text in preset if key(text) not in PRESET_SAMPLER_TIED)
 
 
 def _deep_copy(raw: Any) -> Any:

@@ -812,6 +812,24 @@ def test_catalog_size_preset_validates_every_epoch_of_its_budget():
     )
 
 
+@pytest.mark.parametrize("sampler", ["uniform", "popularity", "pool", "exact", "dns"])
+def test_a_baseline_sampler_on_the_catalog_preset_does_not_inherit_its_popularity_mixture(sampler):
+    # --catalog-size 1M --set sampler.name=uniform is the uniform baseline, not half popularity
+    from annsample.config import catalog_overrides
+
+    preset = catalog_overrides(1_000_000)
+    config = load_config(None, (f"sampler.name={sampler}",), preset=preset)
+    assert (config.sampler.warmup_share, config.sampler.warmup_sampler) == (0.0, "uniform")
+    # set explicitly, the mixture applies to the named sampler too
+    mixed = ("sampler.warmup_sampler=popularity", "sampler.warmup_share=0.3")
+    if sampler != "uniform":
+        config = load_config(None, (f"sampler.name={sampler}", *mixed), preset=preset)
+        assert (config.sampler.warmup_share, config.sampler.warmup_sampler) == (0.3, "popularity")
+    # naming the preset's own sampler keeps it
+    config = load_config(None, ("sampler.name=ann",), preset=preset)
+    assert (config.sampler.warmup_share, config.sampler.warmup_sampler) == (0.5, "popularity")
+
+
 def test_beta_is_read_by_a_popularity_warmup():
     config = config_from_dict(
         {"sampler": {"name": "ann", "warmup_steps": 5, "warmup_sampler": "popularity", "beta": 0.5}}
