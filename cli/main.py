@@ -590,11 +590,18 @@ def bench_stall_command(
     help="Timed steps per sampler (default: 50 from 200k items, else 30; exact GenNi stops "
     "after --max-seconds once it has 3).",
 )
-@_count_option(
+@click.option(
     "--warmup-steps",
-    default=300,
-    minimum=0,
-    help="Uniform-negative training steps before timing, so GenNi is not flat.",
+    default=None,
+    type=click.IntRange(min=0),
+    help="Uniform-negative training steps before timing, so GenNi is not flat (default 300; "
+    "0 with --from-run).",
+)
+@click.option(
+    "--from-run",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Start from the best checkpoint of this train --catalog-size N run folder instead of "
+    "a fresh model: TV, hardness and recall of a trained model.",
 )
 @click.option(
     "--device", type=click.Choice(["cpu", "cuda", "auto"]), default="auto", show_default=True

@@ -197,3 +197,56 @@ def test_bench_step_refuses_settings_it_owns():
         bench_step(10_000, ("uniform",), overrides=("sampler.name=ann",))
     with pytest.raises(ConfigError, match="unknown sampler"):
         bench_step(10_000, ("uniformm",))
+
+
+@pytest.fixture(scope="module")
+def catalog_run(tmp_path_factory):
+    """A 10k-item `train --catalog-size` run of a few steps, with bench step's batch settings."""
+    from annsample import train as train_mod
+    from annsample.config import catalog_overrides, load_config
+
+    out = tmp_path_factory.mktemp("catalog") / "run"
+    overrides = (
+        "train.num_threads=1", "train.batch_size=64", "train.epochs=1",
+        "train.max_steps_per_epoch=5", "train.max_seconds=0", "train.eval_users=50",
+        "train.valid_users=50",
+    )  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        train_mod.train(load_config(None, overrides, preset=catalog_overrides(10_000)), out)
+    return out
+
+
+def test_bench_step_from_a_trained_run_starts_from_its_best_checkpoint(catalog_run, tmp_path):
+    from annsample.run import load_run
+
+    probe = tmp_path / "probe.pt"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        records = bench_step(
+            10_000, ("uniform", "ann"), steps=2, device="cpu", probe_queries=4,
+            overrides=("train.num_threads=1", "train.batch_size=64", "sampler.index.nlist=64",
+                       "sampler.tail_samples=64"),
+            show_progress=False, save_probe=probe, from_run=catalog_run,
+        )  # fmt: skip
+    assert [r["sampler"] for r in records] == ["uniform", "ann"]
+    assert all(r["warmup_steps"] == 0 and r["from_run"] == str(catalog_run) for r in records)
+    _, best = load_run(catalog_run)
+    trained = torch.load(best, weights_only=True)["item_embedding.weight"]
+    # the probe is written before any timed step: the trained table, not a fresh one
+    assert torch.equal(torch.load(probe, weights_only=True)["item_embeddings"], trained)
+
+
+def test_bench_step_refuses_a_run_of_another_model_or_warm_up_steps(catalog_run):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        with pytest.raises(ConfigError, match=r"model\.hidden_size"):
+            bench_step(
+                10_000, ("uniform",), steps=1, device="cpu", show_progress=False,
+                overrides=("model.hidden_size=32",), from_run=catalog_run,
+            )  # fmt: skip
+        with pytest.raises(ConfigError, match="drop --warmup-steps"):
+            bench_step(
+                10_000, ("uniform",), steps=1, warmup_steps=5, device="cpu",
+                show_progress=False, from_run=catalog_run,
+            )  # fmt: skip

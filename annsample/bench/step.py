@@ -31,7 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -286,11 +286,35 @@ def _batches(prepared, config: RunConfig, count: int, generator: torch.Generator
     return out[:count], lengths
 
 
+def _trained_state(
+    run_dir: str | Path, config: Any, n_items: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """The best checkpoint's weights of a run trained on the catalog and model that ``config``
+    (bench step's settings) describes; a run on other data or another model is refused."""
+    from annsample.run import load_model, load_run
+
+    trained_config, best = load_run(run_dir)
+    differ = [
+        f"{section}.{field.name}"
+        for section in ("data", "model")
+        for field in fields(getattr(config, section))
+        if getattr(getattr(config, section), field.name)
+        != getattr(getattr(trained_config, section), field.name)
+    ]
+    if differ:
+        raise ConfigError(
+            f"--from-run {run_dir} was trained with other {', '.join(differ)} than bench step "
+            f"uses for --catalog-size {n_items:,}; pass a run of `annsample train --catalog-size "
+            f"{n_items}` with the same --set model/data settings"
+        )
+    return load_model(trained_config, best, n_items, device).state_dict()
+
+
 def bench_step(
     n_items: int,
     samplers: tuple[str, ...] = STEP_SAMPLERS,
     steps: int | None = None,
-    warmup_steps: int = 300,
+    warmup_steps: int | None = None,
     device: str = "auto",
     overrides: tuple[str, ...] = (),
     probe_queries: int = 32,
@@ -303,6 +327,7 @@ def bench_step(
     show_progress: bool = True,
     save_probe: str | Path | None = None,
     profile: bool = False,
+    from_run: str | Path | None = None,
 ) -> list[dict]:
     """One record per sampler, timed inside the training step on the same batches and model state.
 
@@ -312,7 +337,8 @@ def bench_step(
             ``pool@ann_cost`` record runs the pool sampler with the pool size whose sample call
             takes the ann sampler's measured milliseconds (calibrated on one batch).
         steps: timed steps per sampler (None: :func:`default_steps`).
-        warmup_steps: uniform-negative training steps before any sampler is timed.
+        warmup_steps: uniform-negative training steps before any sampler is timed (None: 300,
+            or 0 with ``from_run``).
         device: "cpu", "cuda" or "auto".
         overrides: ``--set KEY=VALUE`` config overrides, applied after the catalog settings
             (``sampler.name`` is set per sampler).
@@ -327,6 +353,9 @@ def bench_step(
             (Q, d) there (``torch.save`` of a dict), e.g. for ``annsample bench index``.
         profile: after the ann sampler's timed steps, run 3 more under ``torch.profiler`` and
             add its 12 most expensive operators (self CPU ms per step) to the ann record.
+        from_run: start from the best checkpoint of this ``annsample train --catalog-size N``
+            run folder instead of a fresh model (its optimiser moments start at zero): TV,
+            hardness and index recall then describe a trained model, as in training.
 
     Returns:
         Records with ``sampler, catalog_size, step_ms, sampler_ms, sampler_share,
@@ -376,6 +405,13 @@ def bench_step(
             f"{split.n_items} items; lower it with --set sampler.candidates=..."
         )
     model = SASRec(split.n_items, config.data.max_len, config.model).to(dev)
+    if from_run is not None:
+        if warmup_steps:
+            raise ConfigError(
+                "--from-run starts from a trained model; drop --warmup-steps (or set it to 0)"
+            )
+        model.load_state_dict(_trained_state(from_run, config, split.n_items, dev))
+    warmup_steps = (0 if from_run is not None else 300) if warmup_steps is None else warmup_steps
     optimizers = make_optimizers(model, config)
     order = torch.Generator().manual_seed(seed + 2)
     batches, lengths = _batches(prepared, config, warmup_steps + steps, order)
@@ -575,6 +611,7 @@ def bench_step(
             "optimizer_ms": round(median["optimizer"], 3),
             "steps_timed": len(rows),
             "warmup_steps": warmup_steps,
+            "from_run": None if from_run is None else str(from_run),
             "batch_size": config.train.batch_size,
             "hidden_size": config.model.hidden_size,
             "num_negatives": k,
