@@ -669,7 +669,8 @@ _METRIC_CHOICE = click.Choice(["ip", "l2_augmented", "cosine"])
     "metrics",
     multiple=True,
     type=_METRIC_CHOICE,
-    help="ivf_flat metrics (repeatable; default ip).",
+    help="Metrics (repeatable; default ip): ivf_flat takes all three, ivf_hnsw, ivf_pq and hnsw "
+    "ip and l2_augmented.",
 )
 @click.option(
     "--kind",

@@ -44,11 +44,29 @@ def test_hnsw_kinds_find_most_of_the_exact_top_k(clustered):
     xq, xb = clustered
     records = index_sweep(
         xq, xb, 20, nlists=(32,), nprobes=(32,), kinds=("ivf_hnsw", "hnsw", "exact"),
-        ef_searches=(64,), repeats=1, show_progress=False,
+        metrics=("ip", "l2_augmented"), ef_searches=(64,), repeats=1, show_progress=False,
     )  # fmt: skip
-    assert [r["kind"] for r in records] == ["ivf_hnsw", "hnsw", "exact"]
+    assert [(r["kind"], r["metric"]) for r in records] == [
+        ("ivf_hnsw", "ip"), ("ivf_hnsw", "l2_augmented"), ("hnsw", "ip"),
+        ("hnsw", "l2_augmented"), ("exact", "ip"),
+    ]  # fmt: skip
     assert all(r["recall"] > 0.9 for r in records), records
     assert records[-1]["recall"] == 1.0
+
+
+def test_l2_augmented_space_ranks_by_inner_product(clustered):
+    import faiss
+
+    from annsample.bench.index import _faiss_space
+
+    xq, xb = clustered
+    xb = xb * torch.linspace(0.2, 3.0, xb.shape[0])[:, None]  # norms that matter for MIPS
+    items, queries, space = _faiss_space(xb, xq, "l2_augmented", multiple=8)
+    assert space == faiss.METRIC_L2 and items.shape == (2000, 24) and queries.shape == (40, 24)
+    flat = faiss.IndexFlatL2(24)
+    flat.add(items)
+    _, I = flat.search(queries.numpy(), 20)
+    assert torch.equal(torch.from_numpy(I), (xq @ xb.T).topk(20, dim=1).indices)
 
 
 def test_ivf_pq_with_exact_rescoring_recalls_more_with_a_wider_refine(clustered):
@@ -63,8 +81,18 @@ def test_ivf_pq_with_exact_rescoring_recalls_more_with_a_wider_refine(clustered)
     assert recall[(1, 8)] < 0.9 < recall[(8, 8)], recall
     assert recall[(8, 2)] <= recall[(8, 8)]
     assert "| ivf_pq | 8 | 8 | ip | – | 8 |" in sweep_table(records)
-    with pytest.raises(ConfigError, match="pq_m=5 must divide the embedding size 16"):
+    with pytest.raises(
+        ConfigError, match=r"pq_m=5 must divide the embedding size 16 \(metric ip\)"
+    ):
         index_sweep(xq, xb, 20, kinds=("ivf_pq",), pq_m=5)
+    # l2_augmented pads its d + 1 columns to a multiple of pq_m itself
+    augmented = index_sweep(
+        xq, xb, 20, nlists=(8,), nprobes=(8,), kinds=("ivf_pq",), metrics=("l2_augmented",),
+        pq_m=5, refines=(8,), repeats=1, show_progress=False,
+    )  # fmt: skip
+    assert augmented[0]["recall"] > 0.9, augmented
+    with pytest.raises(ConfigError, match="cosine is an ivf_flat metric"):
+        index_sweep(xq, xb, 20, kinds=("hnsw",), metrics=("cosine",))
 
 
 @pytest.fixture(scope="module")

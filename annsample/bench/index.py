@@ -16,7 +16,10 @@ of sequence queries), plus what it costs to build and to refresh:
 - ``exact``: the ``ItemIndex`` exact backend (chunked matmul + top-k): recall 1 by construction,
   the cost every approximate index has to beat.
 
-Inner products throughout (``METRIC_INNER_PRODUCT``); recall of ids, not of scores.
+Every kind ranks by inner product: ``metric="ip"`` searches it directly
+(``METRIC_INNER_PRODUCT``); ``l2_augmented`` appends sqrt(M² - |x|²) to each item (M the largest
+norm) and 0 to each query, so the L2 order is the inner-product order and k-means clusters by
+position, not by norm (the product's default metric). Recall of ids, not of scores.
 """
 
 from __future__ import annotations
@@ -58,6 +61,26 @@ def _faiss_search(index: Any):
     return search
 
 
+def _faiss_space(
+    xb: torch.Tensor, xq: torch.Tensor, metric: str, multiple: int = 1
+) -> tuple[np.ndarray, torch.Tensor, int]:
+    """Items (N, w) as a float32 array, queries (Q, w) and the FAISS metric under which a search
+    ranks by inner product: the vectors themselves for ``ip``; for ``l2_augmented`` the items
+    with sqrt(M² - |x|²) appended and the queries with 0, under L2 (|q - x|² = |q|² + M² -
+    2 q·x). w is padded with zero columns to a multiple of ``multiple`` (PQ sub-quantisers)."""
+    if metric == "ip":
+        return xb.numpy(), xq, faiss.METRIC_INNER_PRODUCT
+    n, d = xb.shape
+    width = -(-(d + 1) // multiple) * multiple
+    norms2 = xb.double().pow(2).sum(1)
+    items = torch.zeros(n, width)
+    items[:, :d] = xb
+    items[:, d] = (norms2.max() - norms2).clamp_min(0).sqrt().float()
+    queries = torch.zeros(xq.shape[0], width)
+    queries[:, :d] = xq
+    return items.numpy(), queries, faiss.METRIC_L2
+
+
 def index_sweep(
     xq: torch.Tensor,
     xb: torch.Tensor,
@@ -80,8 +103,9 @@ def index_sweep(
         xq: (Q, d) float32 probe queries (e.g. hidden states of validation users).
         xb: (N, d) float32 item table without its padding row; result ids are row numbers.
         k: results per query (the ann sampler's candidates K).
-        nlists, nprobes, metrics: the IVF grid (``metrics`` only for ``ivf_flat``: the
-            :class:`ItemIndex` metrics); nprobe values above nlist are skipped.
+        nlists, nprobes, metrics: the IVF grid; nprobe values above nlist are skipped.
+            ``ivf_flat`` takes the :class:`ItemIndex` metrics, the FAISS kinds ``ip`` and
+            ``l2_augmented``.
         kinds: any of :data:`KINDS`.
         ef_searches: HNSW search breadth (``hnsw``; and the coarse quantiser's for ``ivf_hnsw``).
         hnsw_m: HNSW graph degree.
@@ -101,9 +125,14 @@ def index_sweep(
     n, d = xb.shape
     if not 1 <= k <= n:
         raise ConfigError(f"k={k} must be between 1 and the number of items {n}")
-    if "ivf_pq" in kinds and d % pq_m:
+    if "ivf_pq" in kinds and "ip" in metrics and d % pq_m:
         raise ConfigError(
-            f"pq_m={pq_m} must divide the embedding size {d}; choose a divisor of {d}"
+            f"pq_m={pq_m} must divide the embedding size {d} (metric ip); choose a divisor of {d}"
+        )
+    native = [kind for kind in kinds if kind in ("ivf_hnsw", "ivf_pq", "hnsw")]
+    if native and "cosine" in metrics:
+        raise ConfigError(
+            f"metric cosine is an ivf_flat metric; {', '.join(native)} take ip or l2_augmented"
         )
     _, I_exact = exact_topk(xq, xb, k)
     records: list[dict] = []
@@ -116,15 +145,15 @@ def index_sweep(
     jobs = [
         ("ivf_flat", nlist, metric) for nlist in nlists for metric in metrics if "ivf_flat" in kinds
     ]
-    jobs += [("ivf_hnsw", nlist, "ip") for nlist in nlists if "ivf_hnsw" in kinds]
-    jobs += [("ivf_pq", nlist, "ip") for nlist in nlists if "ivf_pq" in kinds]
-    jobs += [("hnsw", 0, "ip")] if "hnsw" in kinds else []
+    for kind in ("ivf_hnsw", "ivf_pq"):
+        jobs += [(kind, nlist, metric) for nlist in nlists for metric in metrics if kind in kinds]
+    jobs += [("hnsw", 0, metric) for metric in metrics] if "hnsw" in kinds else []
     jobs += [("exact", 0, "ip")] if "exact" in kinds else []
     rows = torch.arange(n)  # results are compared with exact_topk, which returns row numbers
     rng = np.random.default_rng(seed)
 
-    def training_sample(nlist: int) -> np.ndarray:
-        return xb.numpy()[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
+    def training_sample(items: np.ndarray, nlist: int) -> np.ndarray:
+        return items[rng.choice(n, size=min(n, 256 * nlist), replace=False)]
 
     for kind, nlist, metric in tqdm(jobs, desc="index configs", disable=not show_progress):
         if nlist > n:
@@ -146,34 +175,37 @@ def index_sweep(
                     build_seconds=round(build, 3), re_add_seconds=round(re_add, 3),
                 )  # fmt: skip
         elif kind == "ivf_hnsw":
-            quantizer = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            ivf.train(training_sample(nlist))
-            ivf.add(xb.numpy())
+            items, queries, space = _faiss_space(xb, xq, metric)
+            width = items.shape[1]
+            quantizer = faiss.IndexHNSWFlat(width, hnsw_m, space)
+            ivf = faiss.IndexIVFFlat(quantizer, width, nlist, space)
+            ivf.train(training_sample(items, nlist))
+            ivf.add(items)
             build = time.perf_counter() - t0
             for ef in ef_searches:
                 quantizer.hnsw.efSearch = ef
                 for nprobe in (p for p in nprobes if p <= nlist):
                     ivf.nprobe = nprobe
-                    ms, I = _search_ms(_faiss_search(ivf), xq, k, repeats)
+                    ms, I = _search_ms(_faiss_search(ivf), queries, k, repeats)
                     record(
                         kind=kind, nlist=nlist, nprobe=nprobe, metric=metric, ef_search=ef,
                         recall=round(recall_at_k(I, I_exact), 4), search_ms=round(ms, 3),
                         build_seconds=round(build, 3),
                     )  # fmt: skip
         elif kind == "ivf_pq":
-            ivf = faiss.IndexIVFPQ(
-                faiss.IndexFlatIP(d), d, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT
-            )
-            ivf.train(training_sample(max(nlist, 256)))  # also trains the 256-word codebooks
+            items, queries, space = _faiss_space(xb, xq, metric, multiple=pq_m)
+            width = items.shape[1]
+            ivf = faiss.IndexIVFPQ(faiss.IndexFlat(width, space), width, nlist, pq_m, 8, space)
+            # the sample also trains the 256-word codebooks
+            ivf.train(training_sample(items, max(nlist, 256)))
             refined = faiss.IndexRefineFlat(ivf)
-            refined.add(xb.numpy())
+            refined.add(items)
             build = time.perf_counter() - t0
             for refine in refines:
                 refined.k_factor = float(refine)
                 for nprobe in (p for p in nprobes if p <= nlist):
                     ivf.nprobe = nprobe
-                    ms, I = _search_ms(_faiss_search(refined), xq, k, repeats)
+                    ms, I = _search_ms(_faiss_search(refined), queries, k, repeats)
                     record(
                         kind=kind, nlist=nlist, nprobe=nprobe, metric=metric, ef_search=None,
                         refine=refine, pq_m=pq_m, recall=round(recall_at_k(I, I_exact), 4),
@@ -189,12 +221,13 @@ def index_sweep(
                 build_seconds=round(build, 3),
             )  # fmt: skip
         else:
-            hnsw = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            hnsw.add(xb.numpy())
+            items, queries, space = _faiss_space(xb, xq, metric)
+            hnsw = faiss.IndexHNSWFlat(items.shape[1], hnsw_m, space)
+            hnsw.add(items)
             build = time.perf_counter() - t0
             for ef in ef_searches:
                 hnsw.hnsw.efSearch = max(ef, k)
-                ms, I = _search_ms(_faiss_search(hnsw), xq, k, repeats)
+                ms, I = _search_ms(_faiss_search(hnsw), queries, k, repeats)
                 record(
                     kind=kind, nlist=None, nprobe=None, metric=metric, ef_search=max(ef, k),
                     recall=round(recall_at_k(I, I_exact), 4), search_ms=round(ms, 3),
