@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, TINY, invoke
 
 from annsample import train as train_mod
 from annsample.bench.index import index_sweep, load_probe, probe_from_run, sweep_table
@@ -14,7 +15,6 @@ from annsample.config import load_config
 from annsample.errors import ConfigError
 from annsample.prepare import prepare_data, probe_set
 from annsample.run import load_model, load_run
-from tests.conftest import REPO, TINY, invoke
 
 
 @pytest.fixture(scope="module")
