@@ -109,7 +109,8 @@ def index_sweep(
         kinds: any of :data:`KINDS`.
         ef_searches: HNSW search breadth (``hnsw``; and the coarse quantiser's for ``ivf_hnsw``).
         hnsw_m: HNSW graph degree.
-        pq_m: bytes per item of ``ivf_pq`` (sub-quantisers of 8 bits; must divide d).
+        pq_m: bytes per item of ``ivf_pq`` (sub-quantisers of 8 bits; must divide d for ``ip``,
+            ``l2_augmented`` pads its d + 1 columns to a multiple).
         refines: ``ivf_pq`` rescoring breadth: the refine × k best PQ candidates are rescored
             exactly.
 

@@ -286,12 +286,10 @@ def _batches(prepared, config: RunConfig, count: int, generator: torch.Generator
     return out[:count], lengths
 
 
-def _trained_state(
-    run_dir: str | Path, config: Any, n_items: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """The best checkpoint's weights of a run trained on the catalog and model that ``config``
+def _trained_run(run_dir: str | Path, config: Any, n_items: int) -> tuple[Any, Path]:
+    """The config and best checkpoint of a run trained on the catalog and model that ``config``
     (bench step's settings) describes; a run on other data or another model is refused."""
-    from annsample.run import load_model, load_run
+    from annsample.run import load_run
 
     trained_config, best = load_run(run_dir)
     differ = [
@@ -307,7 +305,7 @@ def _trained_state(
             f"uses for --catalog-size {n_items:,}; pass a run of `annsample train --catalog-size "
             f"{n_items}` with the same --set model/data settings"
         )
-    return load_model(trained_config, best, n_items, device).state_dict()
+    return trained_config, best
 
 
 def bench_step(
@@ -367,6 +365,7 @@ def bench_step(
     from annsample.model import SASRec
     from annsample.prepare import prepare_data
     from annsample.refresh import make_index_refresher
+    from annsample.run import load_model
     from annsample.samplers import build_sampler
     from annsample.train import make_optimizers, step_loss
 
@@ -392,6 +391,14 @@ def bench_step(
     )
     if config.loss.name == "full_ce":
         raise ConfigError("bench step times negative samplers; loss.name=full_ce samples none")
+    trained = None
+    if from_run is not None:  # checked before the catalog is built (a minute at 1M)
+        if warmup_steps:
+            raise ConfigError(
+                "--from-run starts from a trained model; drop --warmup-steps (or set it to 0)"
+            )
+        trained = _trained_run(from_run, config, n_items)
+    warmup_steps = (0 if from_run is not None else 300) if warmup_steps is None else warmup_steps
     if config.train.num_threads:
         torch.set_num_threads(config.train.num_threads)
     steps = steps or default_steps(n_items)
@@ -405,13 +412,8 @@ def bench_step(
             f"{split.n_items} items; lower it with --set sampler.candidates=..."
         )
     model = SASRec(split.n_items, config.data.max_len, config.model).to(dev)
-    if from_run is not None:
-        if warmup_steps:
-            raise ConfigError(
-                "--from-run starts from a trained model; drop --warmup-steps (or set it to 0)"
-            )
-        model.load_state_dict(_trained_state(from_run, config, split.n_items, dev))
-    warmup_steps = (0 if from_run is not None else 300) if warmup_steps is None else warmup_steps
+    if trained is not None:
+        model.load_state_dict(load_model(*trained, split.n_items, dev).state_dict())
     optimizers = make_optimizers(model, config)
     order = torch.Generator().manual_seed(seed + 2)
     batches, lengths = _batches(prepared, config, warmup_steps + steps, order)
