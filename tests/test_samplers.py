@@ -397,6 +397,52 @@ def test_ann_sequence_logits_match_the_per_position_path(problem, permute):
     assert torch.allclose(logits[finite], reference[finite], atol=1e-5)
 
 
+class RepeatingIndex(BruteForceIndex):
+    """Returns each of its top k // 2 ids twice: an index whose candidates repeat an id."""
+
+    def search(self, xq: torch.Tensor, k: int):
+        D_, ids = super().search(xq, k // 2)
+        return torch.cat([D_, D_], 1), torch.cat([ids, ids], 1)
+
+
+@pytest.mark.parametrize("tail", [0, 16])
+@pytest.mark.parametrize("epsilon", [0.0, 0.3])
+def test_ann_sequence_draws_report_the_proposal_log_q(problem, tail, epsilon):
+    """The sequence path draws from _proposal's slots and reports log q = log[(1-ε)·exp(α·s_j) / W
+    + ε / n_allowed] (with a tail; without one, the exact mixture) for every drawn id."""
+    queries, items, ex = problem
+    index = BruteForceIndex(items[1:], torch.arange(1, N + 1))
+    ann = AnnSampler(
+        index, alpha=1.5, candidates=4, epsilon=epsilon, query="sequence", tail_samples=tail
+    )
+    seq_q = queries[[0, 2, 5]]
+    out = ann.sample(queries, items, ex, 4000, torch.Generator().manual_seed(3), seq_q)
+    probs = ann.probabilities(queries, items, ex, seq_q, torch.Generator().manual_seed(3))
+    assert_draws_follow(out.ids, probs)
+    assert not bool(ex.contains(out.ids).any())
+    if not tail:
+        reference = probs.double().gather(1, out.ids).log()
+    else:
+        logits, _, _ = ann._proposal(queries, items, ex, seq_q, torch.Generator().manual_seed(3))
+        log_w = torch.logsumexp(logits.double(), dim=1, keepdim=True)
+        p = (1.5 * (queries @ items.T).double().gather(1, out.ids) - log_w).exp()
+        reference = ((1 - epsilon) * p + epsilon / ex.n_allowed.double()[:, None]).log()
+    assert torch.allclose(out.log_q.double(), reference, atol=1e-5)
+
+
+def test_ann_sequence_candidates_with_a_repeated_id_add_up_its_slots(problem):
+    queries, items, ex = problem
+    ann = AnnSampler(
+        RepeatingIndex(items[1:], torch.arange(1, N + 1)), candidates=8, epsilon=0.1,
+        query="sequence",
+    )  # fmt: skip
+    seq_q = queries[[0, 2, 5]]
+    out = ann.sample(queries, items, ex, 4000, torch.Generator().manual_seed(2), seq_q)
+    probs = ann.probabilities(queries, items, ex, seq_q)
+    assert_draws_follow(out.ids, probs)
+    assert torch.allclose(out.log_q.double(), probs.double().gather(1, out.ids).log(), atol=1e-5)
+
+
 @pytest.mark.parametrize("spread", [0.0, 0.02])
 def test_default_ann_sampler_is_close_to_exact_genni_on_a_flat_model(spread):
     # Early in training every score is about equal, so GenNi is about uniform. The default ann
@@ -682,3 +728,41 @@ def test_blend_draws_each_negative_from_the_first_sampler_with_its_share():
     assert not blend.exact_log_q and blend.model_aware is False
     with pytest.raises(SamplerError, match="share must be in"):
         BlendSampler(first, second, 1.5)
+
+
+def test_blend_calls_a_per_position_sampler_only_for_the_positions_it_serves(problem):
+    from annsample.samplers import BlendSampler
+
+    queries, items, ex = problem
+    seen = []
+
+    class Spy(UniformSampler):
+        def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
+            seen.append(exclusions.positives.clone())
+            return super().sample(queries, item_embeddings, exclusions, k, generator)
+
+    g = torch.Generator().manual_seed(1)
+    blend = BlendSampler(PopularitySampler(np.ones(N + 1)), Spy(), 0.5)
+    coins = torch.rand((6, 1), generator=torch.Generator().manual_seed(1)) < 0.5
+    out = blend.sample(queries, items, ex, 1, g)
+    assert 0 < int(coins.sum()) < 6  # the seed gives both kinds of position
+    assert torch.equal(seen[0], ex.positives[~coins[:, 0]])
+    assert not bool(ex.contains(out.ids).any())
+    # the in-batch samplers draw from the call's own positives: always called for all of them
+    seen.clear()
+    Spy.per_position = False
+    blend.sample(queries, items, ex, 1, torch.Generator().manual_seed(1))
+    assert torch.equal(seen[0], ex.positives)
+
+
+def test_selected_exclusions_are_those_of_the_selected_positions(problem):
+    _, _, ex = problem
+    at = torch.tensor([4, 1, 5])
+    part = ex.select(at)
+    ids = torch.arange(N + 2)[None, :].expand(3, -1)
+    assert torch.equal(part.contains(ids), ex.contains(torch.arange(N + 2)[None].expand(6, -1))[at])
+    assert torch.equal(part.n_allowed, ex.n_allowed[at])
+    rank = torch.stack([torch.arange(20)] * 3)
+    full = ex.rank_to_item(torch.stack([torch.arange(20)] * 6))
+    assert torch.equal(part.rank_to_item(rank), full[at])
+    assert torch.equal(ex.rank_to_item(rank, at), full[at])
