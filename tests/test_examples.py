@@ -76,3 +76,11 @@ def test_an_example_runs_as_a_script():
     )
     assert done.returncode == 0, done.stderr
     assert "step 2: loss" in done.stderr
+
+
+def test_ann_sample_timing_times_both_paths_and_the_mixture(tmp_path, monkeypatch):
+    monkeypatch.setenv("ANNSAMPLE_CACHE", str(tmp_path))
+    out = load("ann_sample_timing").main(["--steps", "1", "--negatives", "1"])
+    assert out["catalog_size"] == 100_000 and not out["trained"]
+    assert set(out["k=1"]) == {"general", "fast", "mixture_general", "mixture_fast"}
+    assert all(ms > 0 for ms in out["k=1"].values())
