@@ -169,7 +169,7 @@ def evaluate_ranking(
     higher = np.zeros(inputs.shape[0], dtype=np.int64)
     ties = np.zeros(inputs.shape[0], dtype=np.int64)
     # the (users, items) score block of one chunk: ~4 MB on CPU, where a 64-134 MB block ran 5x
-    # slower (cache misses and fresh pages: 11.5 against 2.3 s for 500 users x 1M items, one
+    # slower (cache misses and fresh pages: 10.1 against 2.3 s for 500 users x 1M items, one
     # thread); large on a GPU
     block = 1 << 25 if torch.device(device).type == "cuda" else 1 << 20
     item_chunk = max(1024, block // max(min(batch_size, len(users)), 1))

@@ -760,10 +760,23 @@ class AnnSampler:
             )
         return self.alpha * scores
 
-    def candidate_logits(self, queries, item_embeddings, exclusions, sequence_queries=None):
-        """((P, K) GenNi logits, -inf where excluded or missing; (P, K) candidate ids)."""
+    def candidate_logits(
+        self, queries, item_embeddings, exclusions, sequence_queries=None, seq_candidates=None
+    ):
+        """((P, K) GenNi logits, -inf where excluded or missing; (P, K) candidate ids).
+
+        ``seq_candidates`` (R, K): the sequences' search results, when already searched."""
         if self.query == "sequence" and sequence_queries is not None:
-            return self._sequence_logits(queries, item_embeddings, exclusions, sequence_queries)
+            if seq_candidates is None:
+                seq_candidates = self._search_sequences(
+                    exclusions, sequence_queries, queries.device
+                )
+            logits = self._rescore_sequences(
+                queries, item_embeddings, exclusions.row, seq_candidates
+            )
+            blocked = self._sequence_blocked(exclusions, seq_candidates)
+            logits = (self.alpha * logits).masked_fill(blocked, float("-inf"))
+            return logits, seq_candidates[exclusions.row]
         candidates = self.candidate_ids(queries, exclusions, sequence_queries)
         logits = self.rescore(queries, item_embeddings, candidates)
         blocked = (candidates < 1) | exclusions.contains(candidates.clamp(min=0))
@@ -802,16 +815,6 @@ class AnnSampler:
         out = torch.empty(row.shape[0], K, device=queries.device, dtype=queries.dtype)
         out[order] = scores[sorted_row, slot]
         return out
-
-    def _sequence_logits(self, queries, item_embeddings, exclusions, sequence_queries):
-        """As :meth:`candidate_logits` when a sequence's positions share its candidates, rescored
-        by :meth:`_rescore_sequences`; history exclusions are looked up once per sequence."""
-        seq_candidates = self._search_sequences(exclusions, sequence_queries, queries.device)
-        logits = self._rescore_sequences(queries, item_embeddings, exclusions.row, seq_candidates)
-        blocked = self._sequence_blocked(exclusions, seq_candidates)
-        return (self.alpha * logits).masked_fill(blocked, float("-inf")), seq_candidates[
-            exclusions.row
-        ]
 
     @staticmethod
     def _sequence_blocked(exclusions, seq_candidates) -> torch.Tensor:
@@ -870,12 +873,11 @@ class AnnSampler:
                 tail_rows, rows
             )  # (R, M)
             tail_blocked = row_blocked[row] | (tail[None, :] == positives[:, None])  # (P, M)
-            n_seen = (~tail_blocked).sum(dim=1)
-            n_tail = (exclusions.n_allowed - n_candidates).clamp(min=0)
-            weight = torch.log(n_tail.double() / n_seen.clamp(min=1).double()).float()  # (P,)
-            tail_logits = self.alpha * (queries @ _rows(item_embeddings, tail).T) + weight[:, None]
-            logits = torch.cat([logits, tail_logits.masked_fill(tail_blocked, float("-inf"))], 1)
-            has_slot |= (n_seen > 0) & (n_tail > 0)
+            tail_logits, weight, tail_usable = self._tail_slots(
+                queries, item_embeddings, exclusions, tail, tail_blocked, n_candidates
+            )
+            logits = torch.cat([logits, tail_logits], 1)
+            has_slot |= tail_usable
         eps = torch.where(has_slot, torch.as_tensor(self.epsilon, dtype=torch.float64), 1.0)
         if not bool(has_slot.all()):  # only ε's uniform draws serve those positions
             logits = torch.where(has_slot[:, None], logits, torch.zeros_like(logits))
@@ -917,7 +919,20 @@ class AnnSampler:
         q = (1.0 - eps[:, None]) * log_p.exp() + eps[:, None] / n_allowed[:, None]
         return Negatives(ids, torch.log(q).float())
 
-    def _proposal(self, queries, item_embeddings, exclusions, sequence_queries, generator):
+    def _tail_slots(self, queries, item_embeddings, exclusions, tail, blocked, n_candidates):
+        """The tail's slots: ((P, M) logits α·s_u + log(n_tail / M'), -inf where ``blocked``;
+        (P,) weight log(n_tail / M'); (P,) whether any tail slot is usable), M' the usable tail
+        items of a position and n_tail its allowed items outside its n_candidates usable ones."""
+        n_seen = (~blocked).sum(dim=1)
+        n_tail = (exclusions.n_allowed - n_candidates).clamp(min=0)
+        # -inf when nothing is left outside the candidates
+        weight = torch.log(n_tail.double() / n_seen.clamp(min=1).double()).float()
+        logits = self.alpha * (queries @ _rows(item_embeddings, tail).T) + weight[:, None]
+        return logits.masked_fill(blocked, float("-inf")), weight, (n_seen > 0) & (n_tail > 0)
+
+    def _proposal(
+        self, queries, item_embeddings, exclusions, sequence_queries, generator, seq_candidates=None
+    ):
         """Slots (P, K [+ M]) with their logits, and the uniform floor ε.
 
         With ``tail_samples`` = M, the M shared uniform items that are allowed and not among a
@@ -926,7 +941,7 @@ class AnnSampler:
         candidates, and within the tail they are drawn ∝ exp(α·s_u), as GenNi would.
         """
         logits, candidates = self.candidate_logits(
-            queries, item_embeddings, exclusions, sequence_queries
+            queries, item_embeddings, exclusions, sequence_queries, seq_candidates
         )
         if self.tail_samples:
             P = queries.shape[0]
@@ -938,17 +953,17 @@ class AnnSampler:
             usable = torch.where(torch.isfinite(logits), candidates, -1).sort(dim=1).values
             slot = torch.searchsorted(usable, tail_ids.contiguous()).clamp_(max=usable.shape[1] - 1)
             blocked = (usable.gather(1, slot) == tail_ids) | exclusions.contains(tail_ids)
-            n_seen = (~blocked).sum(1, keepdim=True).clamp(min=1).double()
-            n_candidates = torch.isfinite(logits).sum(1, keepdim=True)
-            n_tail = (exclusions.n_allowed[:, None] - n_candidates).clamp(min=0).double()
-            weight = torch.log(n_tail / n_seen).float()  # -inf when nothing is left outside
-            tail_logits = self.alpha * (queries @ _rows(item_embeddings, tail).T) + weight  # (P, M)
-            logits = torch.cat([logits, tail_logits.masked_fill(blocked, float("-inf"))], dim=1)
+            n_candidates = torch.isfinite(logits).sum(1)
+            tail_logits, _, _ = self._tail_slots(
+                queries, item_embeddings, exclusions, tail, blocked, n_candidates
+            )
+            logits = torch.cat([logits, tail_logits], dim=1)
             candidates = torch.cat([candidates, tail_ids], dim=1)
         return logits, candidates, self.epsilon
 
     def sample(self, queries, item_embeddings, exclusions, k, generator, sequence_queries=None):
         exclusions.check_nonempty()
+        seq_candidates = None
         if self.query == "sequence" and sequence_queries is not None:
             seq_candidates = self._search_sequences(exclusions, sequence_queries, queries.device)
             out = self._sample_sequences(
@@ -957,7 +972,7 @@ class AnnSampler:
             if out is not None:
                 return out
         logits, slots, eps = self._proposal(
-            queries, item_embeddings, exclusions, sequence_queries, generator
+            queries, item_embeddings, exclusions, sequence_queries, generator, seq_candidates
         )
 
         def score(rows, ids):
