@@ -12,6 +12,7 @@ time of a backward + all-reduce with a sparse and a dense table.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -138,8 +139,10 @@ def _probe_worker(
     union[0] = torch.cat(all_ids).unique().numel()
     result["union_rows"] = int(union[0])
     Path(out, f"rank{rank}.json").write_text(json.dumps(result), encoding="utf-8")
-    # tear down together: a rank that closes its gloo pairs while the other still uses them can
-    # abort that one ("terminate called without an active exception")
+    # tear down together, with no DDP reducer left alive (its threads outliving the process
+    # group): otherwise a rank can abort with "terminate called without an active exception"
+    del ddp, table, grad
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
