@@ -105,6 +105,23 @@ class Exclusions:
         found = torch.searchsorted(self._keys, query.reshape(-1)).clamp_(max=self._keys.numel() - 1)
         return (self._keys[found] == query.reshape(-1)).view_as(ids)
 
+    def row_keys(self, ids: torch.Tensor) -> torch.Tensor:
+        """(R, m) keys of per-row ids (R, m) in the order of the history keys: ascending overall
+        when each row of ``ids`` is (ids below 1 count as 0, which no history holds)."""
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None]
+        return rows * self._stride + ids.clamp(min=0)
+
+    def history_hits(self, sorted_keys: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: True where ``sorted_keys`` (ascending, from :meth:`row_keys`) is in its row's
+        history. One look-up per history entry (R·H), not per key: cheaper when the keys outnumber
+        the history, as a batch's candidates do."""
+        out = torch.zeros(sorted_keys.shape, dtype=torch.bool, device=sorted_keys.device)
+        if sorted_keys.numel():
+            at = torch.searchsorted(sorted_keys, self._keys).clamp_(max=sorted_keys.numel() - 1)
+            hit = sorted_keys[at] == self._keys
+            out[at[hit]] = True  # a repeated key is marked once: callers pass distinct ids per row
+        return out
+
     def contains(self, ids: torch.Tensor) -> torch.Tensor:
         """(P, m) bool: True where ``ids`` (P, m) are excluded for their position (padding included)."""
         return (
@@ -670,6 +687,35 @@ def _check_candidate_ids(I: torch.Tensor) -> torch.Tensor:
     return I
 
 
+_DRAW_BLOCK = 32  # slots per block of _draw_slots
+
+
+def _draw_slots(mass: torch.Tensor, k: int, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """k draws per row ∝ ``mass`` (P, n·B), B = ``_DRAW_BLOCK``, and each row's total (P,).
+
+    Two levels instead of a cumulative sum over every slot: a block ∝ the block sums, then a slot
+    within the drawn block; the same distribution (to float32 rounding) for a sum and a
+    cumulative sum over B slots per draw instead of a sequential pass over them all. A rounding
+    that lands on a zero-mass slot takes the row's last slot with mass."""
+    P, width = mass.shape
+    blocks = mass.view(P, width // _DRAW_BLOCK, _DRAW_BLOCK)
+    sums = blocks.sum(dim=2)  # (P, n)
+    cdf = sums.cumsum(dim=1)
+    total = cdf[:, -1]
+    u = torch.rand(P, k, generator=generator, device=mass.device, dtype=torch.float64)
+    target = u.float() * total[:, None]
+    block = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[1] - 1)  # (P, k)
+    rest = target - (cdf.gather(1, block) - sums.gather(1, block))
+    within = blocks[torch.arange(P, device=mass.device)[:, None], block].cumsum(dim=2)  # (P, k, B)
+    at = torch.searchsorted(within, rest[..., None], right=True)[..., 0]
+    slots = block * _DRAW_BLOCK + at.clamp_(max=_DRAW_BLOCK - 1)
+    empty = mass.gather(1, slots) == 0
+    if bool(empty.any()):
+        last = ((mass > 0) * torch.arange(1, width + 1, device=mass.device)).argmax(1)
+        slots = torch.where(empty, last[:, None], slots)
+    return slots, total
+
+
 class AnnSampler:
     """The product: GenNi negatives from an IVF index's candidates, rescored with current embeddings.
 
@@ -795,11 +841,11 @@ class AnnSampler:
         return seq_candidates
 
     @staticmethod
-    def _rescore_sequences(queries, item_embeddings, row, seq_candidates) -> torch.Tensor:
+    def _rescore_sequences(queries, item_embeddings, row, seq_candidates, out=None) -> torch.Tensor:
         """(P, K) h_p·e of the candidates of each position's sequence: the candidate vectors are
         gathered once per sequence, (R, K, d), and every position is scored with one batched
         matmul over its sequence's positions (a (P, K, d) gather per position moved ~12x more
-        memory)."""
+        memory). ``out``: a (P, K) tensor (a view may do) to write them into."""
         R, K = seq_candidates.shape
         vectors = _rows(item_embeddings, seq_candidates.clamp(min=0))  # (R, K, d)
         # positions laid out (R, T, d) by row, T = the most positions any row has
@@ -812,7 +858,8 @@ class AnnSampler:
         padded = queries.new_zeros(R, width, queries.shape[1])
         padded[sorted_row, slot] = queries[order]
         scores = torch.bmm(padded, vectors.transpose(1, 2))  # (R, T, K)
-        out = torch.empty(row.shape[0], K, device=queries.device, dtype=queries.dtype)
+        if out is None:
+            out = torch.empty(row.shape[0], K, device=queries.device, dtype=queries.dtype)
         out[order] = scores[sorted_row, slot]
         return out
 
@@ -836,63 +883,77 @@ class AnnSampler:
         :func:`_draw_from_candidates`, for less work per position.
 
         - the tail's overlap with the candidates and its history exclusions are found once per
-          sequence, (R, M), not per position (a (P, K) sort and (P, M) look-ups);
+          sequence, (R, M), not per position (a (P, K) sort and (P, M) look-ups), by looking
+          each sequence's history and candidates up among the distinct tail ids; the candidates'
+          history exclusions by looking the history up among the candidates (R·H look-ups, not
+          R·K);
         - a drawn slot's id j has p_j = exp(α·s_j) / W (W the slot normaliser), its own logit
           less the tail weight: no search of the drawn ids among the slots, no second softmax in
           float64; an ε-uniform id has the same with a tail, and without one its candidate mass
           (0 if it is not a candidate);
-        - the ε-uniform ids are drawn and scored only where the ε coin falls.
+        - the ε-uniform ids are drawn and scored only where the ε coin falls;
+        - the slots' logits and masses share one buffer, and the draw is two-level
+          (:func:`_draw_slots`): no concatenation, and no cumulative sum over every slot.
         """
         device = queries.device
         row, positives = exclusions.row, exclusions.positives
         R, K = seq_candidates.shape
         P = row.shape[0]
-        sorted_candidates = seq_candidates.sort(dim=1).values
+        # the slots in ascending id order (the order of slots does not change the proposal):
+        # membership tests then look up the few history and tail ids among the candidates
+        seq_candidates = seq_candidates.sort(dim=1).values
         if K > 1 and bool(
-            (
-                (sorted_candidates[:, 1:] == sorted_candidates[:, :-1])
-                & (sorted_candidates[:, 1:] > 0)
-            ).any()
+            ((seq_candidates[:, 1:] == seq_candidates[:, :-1]) & (seq_candidates[:, 1:] > 0)).any()
         ):
             return None  # an id in two slots: the general path adds their masses
-        scores = self.alpha * self._rescore_sequences(queries, item_embeddings, row, seq_candidates)
-        blocked = self._sequence_blocked(exclusions, seq_candidates)
-        logits = scores.masked_fill(blocked, float("-inf"))
+        M = self.tail_samples
+        S = K + M
+        # every slot's logit, then its mass, in one buffer padded to whole blocks of the draw
+        n_blocks = -(-S // _DRAW_BLOCK)
+        buffer = queries.new_empty(P, n_blocks * _DRAW_BLOCK)
+        buffer[:, S:] = float("-inf")
+        logits = buffer[:, :S]
+        scores = self._rescore_sequences(
+            queries, item_embeddings, row, seq_candidates, out=buffer[:, :K]
+        )
+        if self.alpha != 1.0:
+            scores.mul_(self.alpha)
+        row_blocked = (
+            (seq_candidates < 1)
+            | (seq_candidates > exclusions.n_items)
+            | exclusions.history_hits(exclusions.row_keys(seq_candidates).view(-1)).view(R, K)
+        )  # (R, K): the same for every position of sequence r
+        blocked = row_blocked[row] | (seq_candidates[row] == positives[:, None])
+        scores.masked_fill_(blocked, float("-inf"))
         n_candidates = K - blocked.sum(dim=1)  # (P,)
         has_slot = n_candidates > 0
-        M = self.tail_samples
         if M:
             N = item_embeddings.shape[0] - 1
             tail = torch.randint(1, N + 1, (M,), generator=generator, device=device)
-            rows = torch.arange(R, device=device)
-            tail_rows = tail[None, :].expand(R, -1).contiguous()
-            at = torch.searchsorted(sorted_candidates, tail_rows).clamp_(max=K - 1)
             # a tail item that is a candidate of the sequence (usable there, or excluded for the
-            # position anyway), or in its history, is not a tail slot
-            row_blocked = (sorted_candidates.gather(1, at) == tail_rows) | exclusions._in_history(
-                tail_rows, rows
-            )  # (R, M)
-            tail_blocked = row_blocked[row] | (tail[None, :] == positives[:, None])  # (P, M)
+            # position anyway), or in its history, is not a tail slot: found per distinct tail
+            # id, by looking the sequence's candidates and history up in the sorted tail
+            distinct, inverse = torch.unique(tail, sorted=True, return_inverse=True)
+            taken = torch.zeros(R, distinct.shape[0], dtype=torch.bool, device=device)
+            for ids in (seq_candidates, exclusions.history):
+                at = torch.searchsorted(distinct, ids).clamp_(max=distinct.shape[0] - 1)
+                hit = distinct[at] == ids
+                taken[torch.arange(R, device=device)[:, None].expand_as(ids)[hit], at[hit]] = True
+            tail_blocked = taken[:, inverse][row] | (tail[None, :] == positives[:, None])  # (P, M)
             tail_logits, weight, tail_usable = self._tail_slots(
                 queries, item_embeddings, exclusions, tail, tail_blocked, n_candidates
             )
-            logits = torch.cat([logits, tail_logits], 1)
+            buffer[:, K:S] = tail_logits
             has_slot |= tail_usable
         eps = torch.where(has_slot, torch.as_tensor(self.epsilon, dtype=torch.float64), 1.0)
         if not bool(has_slot.all()):  # only ε's uniform draws serve those positions
-            logits = torch.where(has_slot[:, None], logits, torch.zeros_like(logits))
-        top = logits.max(dim=1, keepdim=True).values
-        mass = (logits - top).exp_()  # (P, S), 0 on blocked slots, the largest 1
-        cdf = mass.cumsum(dim=1)  # float32 (relative error ~1e-6 over a few hundred slots)
-        u = torch.rand(P, k, generator=generator, device=device, dtype=torch.float64)
-        slots = torch.searchsorted(cdf, u.float() * cdf[:, -1:], right=True).clamp_(
-            max=cdf.shape[1] - 1
-        )
-        if bool((mass.gather(1, slots) == 0).any()):  # rounding at the end: the last real slot
-            last = ((mass > 0) * torch.arange(1, mass.shape[1] + 1, device=device)).argmax(1)
-            slots = torch.where(mass.gather(1, slots) == 0, last[:, None], slots)
-        log_w = (top[:, 0] + cdf[:, -1].log()).double()  # (P,) log of the slot normaliser W
-        chosen = logits.gather(1, slots)  # α·s_j, plus the tail weight on tail slots
+            logits[~has_slot] = 0.0
+        top = buffer.max(dim=1, keepdim=True).values
+        mass = buffer.sub_(top).exp_()  # (P, blocks·B) in place, 0 on blocked slots, the largest 1
+        slots, total = _draw_slots(mass, k, generator)
+        log_w = (top[:, 0] + total.log()).double()  # (P,) log of the slot normaliser W
+        # α·s_j, plus the tail weight on tail slots (a drawn slot's mass is never 0)
+        chosen = mass.gather(1, slots).log_() + top
         ids = seq_candidates[row[:, None], slots.clamp(max=K - 1)]
         if M:
             in_tail = slots >= K
@@ -911,7 +972,7 @@ class AnnSampler:
             s_u = self.alpha * (queries[at_p] * _rows(item_embeddings, drawn)).sum(dim=1)
             log_p_u = s_u.double() - log_w[at_p]
             if not M:  # without a tail the proposal holds only the candidates' mass
-                own = sorted_candidates[row[at_p]]  # (n, K)
+                own = seq_candidates[row[at_p]]  # (n, K), sorted
                 at = torch.searchsorted(own, drawn[:, None]).clamp_(max=K - 1)
                 is_candidate = own.gather(1, at)[:, 0] == drawn
                 log_p_u = log_p_u.masked_fill(~is_candidate, float("-inf"))

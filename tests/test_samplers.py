@@ -766,3 +766,58 @@ def test_selected_exclusions_are_those_of_the_selected_positions(problem):
     full = ex.rank_to_item(torch.stack([torch.arange(20)] * 6))
     assert torch.equal(part.rank_to_item(rank), full[at])
     assert torch.equal(ex.rank_to_item(rank, at), full[at])
+
+
+def test_history_hits_match_the_per_key_look_up():
+    g = torch.Generator().manual_seed(4)
+    n, R = 50, 7
+    history = torch.randint(0, n + 3, (R, 9), generator=g)  # padding values on both sides
+    ex = Exclusions(history, torch.arange(R), torch.randint(1, n + 1, (R,), generator=g), n)
+    ids = torch.randint(-1, n + 1, (R, 12), generator=g).sort(dim=1).values  # -1 = missing
+    hits = ex.history_hits(ex.row_keys(ids).view(-1)).view(R, 12)
+    # repeated ids are marked once, so compare on each row's distinct ids only
+    distinct = torch.cat([torch.ones(R, 1, dtype=torch.bool), ids[:, 1:] != ids[:, :-1]], 1)
+    reference = ex._in_history(ids.clamp(min=0), torch.arange(R)) & (ids > 0)
+    assert torch.equal(hits & distinct, reference & distinct) and bool(reference.any())
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_two_level_slot_draws_follow_the_mass(k):
+    from annsample.samplers import _DRAW_BLOCK, _draw_slots
+
+    g = torch.Generator().manual_seed(6)
+    width = 4 * _DRAW_BLOCK
+    mass = torch.rand(5, width, generator=g) ** 4
+    mass[:, ::3] = 0.0  # blocked slots
+    mass[1, :] = 0.0
+    mass[1, 2 * _DRAW_BLOCK + 7] = 1.0  # one slot with mass: always drawn
+    mass[2, : 3 * _DRAW_BLOCK] = 0.0  # all mass in the last block
+    mass[3, _DRAW_BLOCK:] = 0.0  # all mass in the first block
+    slots, total = _draw_slots(mass, k * 6000, g)
+    assert torch.allclose(total, mass.sum(1))
+    assert bool((slots[1] == 2 * _DRAW_BLOCK + 7).all())
+    rows = [0, 2, 3, 4]  # a one-slot row has no χ² to compute
+    probs = mass[rows].double() / mass[rows].double().sum(1, keepdim=True)
+    assert_draws_follow(slots[rows], probs)
+
+
+def test_ann_sequence_draws_follow_the_proposal_over_several_blocks():
+    """Candidates and tail fill several blocks of the two-level draw."""
+    n, d = 300, 8
+    g = torch.Generator().manual_seed(7)
+    items = torch.randn(n + 1, d, generator=g)
+    items[0] = 0
+    queries = torch.randn(6, d, generator=g)
+    history = torch.stack([torch.randperm(n, generator=g)[:40] + 1 for _ in range(3)])
+    ex = Exclusions(
+        history, torch.tensor([0, 0, 1, 1, 1, 2]), torch.tensor([5, 11, 9, 12, 3, 6]), n
+    )
+    index = BruteForceIndex(items[1:], torch.arange(1, n + 1))
+    ann = AnnSampler(
+        index, alpha=0.7, candidates=50, epsilon=0.0, query="sequence", tail_samples=60
+    )
+    seq_q = queries[[0, 2, 5]]
+    out = ann.sample(queries, items, ex, 6000, torch.Generator().manual_seed(3), seq_q)
+    probs = ann.probabilities(queries, items, ex, seq_q, torch.Generator().manual_seed(3))
+    assert_draws_follow(out.ids, probs)
+    assert not bool(ex.contains(out.ids).any())
