@@ -121,6 +121,9 @@ class TrainConfig:
         512  # the recipe (docs/results.md, "A training recipe at the published level")
     )
     lr: float = 5e-4  # the recipe
+    # learning rate of the item-embedding table (0 = train.lr); a large sparse catalog sees each
+    # item a few times per run, so its rows move little at the transformer's rate
+    embedding_lr: float = 0.0
     weight_decay: float = 0.0
     eval_every: int = 5  # epochs between validation evaluations
     patience: int = 6  # evaluations without validation NDCG@10 improvement before stopping
@@ -330,6 +333,11 @@ def _check_consistency(config: RunConfig, where: str) -> None:
             f"{where}: sampler.warmup_share must be in [0, 1) (0 = none; at 1 the named sampler "
             f"would serve nothing: set sampler.name to the warm-up sampler instead), "
             f"got {config.sampler.warmup_share}"
+        )
+    if not math.isfinite(config.train.embedding_lr) or config.train.embedding_lr < 0:
+        raise ConfigError(
+            f"{where}: train.embedding_lr must be a finite number >= 0 (0 = train.lr), "
+            f"got {config.train.embedding_lr}"
         )
     if config.train.lr_warmup_steps < 0:
         raise ConfigError(

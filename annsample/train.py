@@ -516,15 +516,25 @@ def step_loss(
 
 
 def make_optimizers(model: SASRec, config: RunConfig) -> list[torch.optim.Optimizer]:
-    """Adam; with ``model.sparse_embeddings`` SparseAdam for the item table and Adam for the rest."""
+    """Adam; with ``model.sparse_embeddings`` SparseAdam for the item table and Adam for the rest.
+
+    The item table learns at ``train.embedding_lr`` (``train.lr`` when 0), everything else at
+    ``train.lr``; weight decay applies to the dense parameters (SparseAdam has none).
+    """
     lr, wd = config.train.lr, config.train.weight_decay
+    embedding_lr = config.train.embedding_lr or lr
+    table = model.item_embedding.weight
     if config.model.sparse_embeddings:
         dense = [p for n, p in model.named_parameters() if not n.startswith("item_embedding.")]
         return [
-            torch.optim.SparseAdam([model.item_embedding.weight], lr=lr),
+            torch.optim.SparseAdam([table], lr=embedding_lr),
             torch.optim.Adam(dense, lr=lr, weight_decay=wd),
         ]
-    return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)]
+    if embedding_lr == lr:
+        return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("item_embedding.")]
+    groups = [{"params": [table], "lr": embedding_lr}, {"params": rest}]
+    return [torch.optim.Adam(groups, lr=lr, weight_decay=wd)]
 
 
 def steps_per_epoch(n_rows: int, tc: TrainConfig) -> int:

@@ -82,6 +82,31 @@ def test_optimisers_cover_every_parameter_once(sparse):
     assert kinds == (["SparseAdam", "Adam"] if sparse else ["Adam"])
 
 
+@pytest.mark.parametrize("sparse", [False, True])
+def test_embedding_lr_applies_to_the_item_table_only(sparse):
+    flags = (f"model.sparse_embeddings={str(sparse).lower()}", "train.lr=1e-3")
+    config = load_config(REPO / TINY, (*flags, "train.embedding_lr=1e-2"))
+    model = SASRec(50, config.data.max_len, config.model)
+    optimisers = train_mod.make_optimizers(model, config)
+    table = model.item_embedding.weight
+    lrs = {
+        id(p): group["lr"] for o in optimisers for group in o.param_groups for p in group["params"]
+    }
+    assert lrs.pop(id(table)) == 1e-2
+    assert set(lrs.values()) == {1e-3}
+    covered = [id(p) for o in optimisers for group in o.param_groups for p in group["params"]]
+    assert sorted(covered) == sorted(id(p) for p in model.parameters())
+    # 0 (the default) means train.lr for the table too
+    same = train_mod.make_optimizers(model, load_config(REPO / TINY, flags))
+    assert {group["lr"] for o in same for group in o.param_groups} == {1e-3}
+
+
+@pytest.mark.parametrize("value", ["-1e-3", ".nan"])
+def test_embedding_lr_rejects_bad_values(value):
+    with pytest.raises(ConfigError, match="train.embedding_lr"):
+        load_config(REPO / TINY, (f"train.embedding_lr={value}",))
+
+
 class _NanGradient(torch.autograd.Function):
     """Identity forward, NaN backward: a finite loss with non-finite gradients."""
 
