@@ -802,6 +802,9 @@ def test_catalog_size_preset_validates_every_epoch_of_its_budget():
         assert (config.sampler.name, config.sampler.warmup_sampler) == ("ann", "popularity")
         assert config.sampler.warmup_share == 0.5
         assert config.sampler.index.retrain_below == 0.5
+        # dropout 0.1 from 100k items up (measured there); smaller catalogs keep 0.5
+        assert config.model.dropout == 0.1
+    assert load_config(None, preset=catalog_overrides(10_000)).model.dropout == 0.5
     # a logQ-corrected sampled softmax cannot read a blend: one clear error naming the way out
     with pytest.raises(ConfigError, match="sampler.warmup_share=0"):
         load_config(None, ("loss.name=sampled_softmax",), preset=catalog_overrides(100_000))
