@@ -524,15 +524,14 @@ def make_optimizers(model: SASRec, config: RunConfig) -> list[torch.optim.Optimi
     lr, wd = config.train.lr, config.train.weight_decay
     embedding_lr = config.train.embedding_lr or lr
     table = model.item_embedding.weight
+    rest = [p for n, p in model.named_parameters() if not n.startswith("item_embedding.")]
     if config.model.sparse_embeddings:
-        dense = [p for n, p in model.named_parameters() if not n.startswith("item_embedding.")]
         return [
             torch.optim.SparseAdam([table], lr=embedding_lr),
-            torch.optim.Adam(dense, lr=lr, weight_decay=wd),
+            torch.optim.Adam(rest, lr=lr, weight_decay=wd),
         ]
-    if embedding_lr == lr:
+    if embedding_lr == lr:  # one group, as every checkpoint written before embedding_lr has
         return [torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("item_embedding.")]
     groups = [{"params": [table], "lr": embedding_lr}, {"params": rest}]
     return [torch.optim.Adam(groups, lr=lr, weight_decay=wd)]
 
